@@ -1,0 +1,243 @@
+//! The plan: everything `kiln-firstboot` will do on a node, decided at build time.
+//!
+//! This crate is the one contract between the builder (`kiln`) and the daemon
+//! (`kiln-firstboot`). The builder resolves a profile into a [`Plan`]; the daemon reads it and
+//! never sees the profile. Every struct denies unknown fields, so a plan written by a newer
+//! builder is refused rather than half-understood. Secrets are never in the plan: it names the
+//! node paths of the secret files (written 0600 by cloud-init) instead.
+
+pub mod manifests;
+pub mod paths;
+pub mod types;
+
+pub use types::{ParseError, Secret, Sha256, Version};
+pub use url::Url;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Bumped on any incompatible change to the plan's shape.
+pub const PLAN_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Plan {
+    pub version: u32,
+    pub node: Node,
+    pub artifacts: Artifacts,
+    pub k3s: K3s,
+    pub tailscale: Tailscale,
+    pub argocd: ArgoCd,
+    pub gitops: GitOps,
+    /// Manifests rendered at build time and shipped in the bundle (no secrets in them).
+    #[serde(default)]
+    pub manifests: Vec<BundledManifest>,
+    /// Overall deadline per step, seconds; retries stop when it passes.
+    pub deadlines: BTreeMap<StepId, u64>,
+}
+
+impl Plan {
+    pub fn from_json(bytes: &[u8]) -> Result<Plan, PlanError> {
+        let plan: Plan = serde_json::from_slice(bytes).map_err(PlanError::Parse)?;
+        if plan.version != PLAN_VERSION {
+            return Err(PlanError::Version {
+                found: plan.version,
+                expected: PLAN_VERSION,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Canonical bytes: pretty JSON with a trailing newline. Same plan, same bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).expect("plan serializes");
+        out.push(b'\n');
+        out
+    }
+
+    pub fn deadline(&self, step: StepId) -> std::time::Duration {
+        std::time::Duration::from_secs(self.deadlines.get(&step).copied().unwrap_or(600))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("plan is not valid: {0}")]
+    Parse(serde_json::Error),
+    #[error("plan version {found} is not supported (this daemon reads version {expected})")]
+    Version { found: u32, expected: u32 },
+}
+
+/// The steps, in the order the daemon runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepId {
+    K3s,
+    Tailscale,
+    TailscaleOperator,
+    Argocd,
+    Gitops,
+    Verify,
+}
+
+impl StepId {
+    pub const ALL: [StepId; 6] = [
+        StepId::K3s,
+        StepId::Tailscale,
+        StepId::TailscaleOperator,
+        StepId::Argocd,
+        StepId::Gitops,
+        StepId::Verify,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepId::K3s => "k3s",
+            StepId::Tailscale => "tailscale",
+            StepId::TailscaleOperator => "tailscale-operator",
+            StepId::Argocd => "argocd",
+            StepId::Gitops => "gitops",
+            StepId::Verify => "verify",
+        }
+    }
+}
+
+impl std::fmt::Display for StepId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StepId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        StepId::ALL
+            .into_iter()
+            .find(|id| id.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = StepId::ALL.iter().map(|i| i.as_str()).collect();
+                format!("unknown step {s:?}; steps are {}", names.join(", "))
+            })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Node {
+    pub hostname: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", tag = "kind")]
+pub enum Role {
+    Server,
+    /// Designed for, not yet run by the daemon: joins `server-url` with the token in `token-file`.
+    Agent {
+        server_url: Url,
+        token_file: String,
+    },
+}
+
+/// Where artifacts come from on the node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Artifacts {
+    /// When true, any network download is an error: everything must already be in the cache
+    /// or in `local-dir` (baked images, air-gap bundles).
+    #[serde(default)]
+    pub air_gap: bool,
+    /// A directory on the node holding artifacts by file name (an attached disk, a baked image).
+    #[serde(default)]
+    pub local_dir: Option<String>,
+}
+
+/// One downloadable file, pinned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Artifact {
+    /// File name, used in the cache and when looking in `local-dir`.
+    pub name: String,
+    pub url: Url,
+    pub sha256: Sha256,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct K3s {
+    pub version: Version,
+    pub binary: Artifact,
+    /// The release's `sha256sum-amd64.txt`; the pin must agree with its `k3s` line.
+    #[serde(default)]
+    pub checksums_url: Option<Url>,
+    /// The complete `/etc/rancher/k3s/config.yaml`, keys already checked against the allowed
+    /// server flags at build time.
+    pub config: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Tailscale {
+    pub version: Version,
+    pub tarball: Artifact,
+    pub hostname: String,
+    /// With the `tag:` prefix.
+    pub tags: Vec<String>,
+    /// Node path of the auth key file (0600); removed once the node is Running.
+    #[serde(default)]
+    pub auth_key_file: Option<String>,
+    pub operator: TailscaleOperator,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TailscaleOperator {
+    pub chart_repo: Url,
+    /// Chart version as published (the Tailscale tag without `v`).
+    pub chart_version: String,
+    pub namespace: String,
+    pub oauth_client_id: String,
+    /// Node path of the OAuth client secret file (0600).
+    pub oauth_client_secret_file: String,
+    pub ingress_class: String,
+    pub hostname: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ArgoCd {
+    pub version: Version,
+    /// Upstream `install.yaml`, pinned by our own sha256 (upstream publishes none).
+    pub manifest: Artifact,
+    pub namespace: String,
+    /// First label of the Tailscale Ingress TLS host: the device name in the tailnet.
+    pub ingress_host: String,
+    pub ingress_class: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GitOps {
+    pub app_name: String,
+    pub repo_url: Url,
+    pub revision: String,
+    pub path: String,
+    #[serde(default)]
+    pub credentials: Option<RepoCredentials>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RepoCredentials {
+    pub username: String,
+    /// Node path of the password or token file (0600).
+    pub password_file: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BundledManifest {
+    pub step: StepId,
+    /// File name inside the bundle's `manifests/` and in the K3s manifests directory.
+    pub file: String,
+    pub sha256: Sha256,
+}

@@ -1,0 +1,32 @@
+//! Absolute paths on the node. The daemon maps them under `--root` when given one.
+
+pub const PLAN: &str = "/etc/kiln/plan.json";
+pub const SECRETS_DIR: &str = "/etc/kiln/secrets";
+/// sha256 of the bundle the bootstrap verified (hex, one line).
+pub const BUNDLE_PIN: &str = "/etc/kiln/bundle.sha256";
+pub const STATE_DIR: &str = "/var/lib/kiln";
+pub const JOURNAL: &str = "/var/lib/kiln/journal.json";
+pub const CACHE_DIR: &str = "/var/lib/kiln/cache";
+pub const BUNDLE_TARBALL: &str = "/var/lib/kiln/bundle.tar.gz";
+/// Where the bootstrap unpacks the verified bundle.
+pub const BUNDLE_DIR: &str = "/var/lib/kiln/bundle";
+pub const RUN_DIR: &str = "/run/kiln";
+pub const STATUS: &str = "/run/kiln/status.json";
+pub const DAEMON_BIN: &str = "/usr/local/sbin/kiln-firstboot";
+pub const UNIT: &str = "/etc/systemd/system/kiln-firstboot.service";
+/// cloud-init's record of the current instance id (a rebuilt VM has a new one).
+pub const CLOUD_INSTANCE_ID: &str = "/var/lib/cloud/data/instance-id";
+
+pub const K3S_BIN: &str = "/usr/local/bin/k3s";
+pub const K3S_CONFIG: &str = "/etc/rancher/k3s/config.yaml";
+pub const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
+pub const K3S_UNIT: &str = "/etc/systemd/system/k3s.service";
+pub const K3S_ENV: &str = "/etc/systemd/system/k3s.service.env";
+pub const K3S_MANIFESTS: &str = "/var/lib/rancher/k3s/server/manifests";
+pub const K3S_NODE_TOKEN: &str = "/var/lib/rancher/k3s/server/node-token";
+
+pub const TAILSCALE_BIN: &str = "/usr/bin/tailscale";
+pub const TAILSCALED_BIN: &str = "/usr/sbin/tailscaled";
+pub const TAILSCALED_UNIT: &str = "/lib/systemd/system/tailscaled.service";
+pub const TAILSCALED_DEFAULTS: &str = "/etc/default/tailscaled";
+pub const TAILSCALED_SOCKET: &str = "/run/tailscale/tailscaled.sock";

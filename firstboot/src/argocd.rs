@@ -1,0 +1,1 @@
+//! argocd: owned by the steps work.

@@ -1,0 +1,1 @@
+//! k3s: owned by the steps work.

@@ -1,0 +1,1 @@
+//! systemd: unit control through `systemctl`, readiness through sd_notify.

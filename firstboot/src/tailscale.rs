@@ -1,0 +1,1 @@
+//! tailscale: owned by the steps work.
