@@ -1,1 +1,2 @@
 //! QEMU glue.
+pub mod mirror;

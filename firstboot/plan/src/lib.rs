@@ -6,6 +6,7 @@
 //! builder is refused rather than half-understood. Secrets are never in the plan: it names the
 //! node paths of the secret files (written 0600 by cloud-init) instead.
 
+pub mod k3s_config;
 pub mod manifests;
 pub mod paths;
 pub mod types;

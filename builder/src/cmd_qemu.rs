@@ -1,0 +1,1 @@
+//! `kiln qemu`: boot a profile's payload in a local VM.

@@ -1,0 +1,1 @@
+//! The K3s server flags a profile may set in `/etc/rancher/k3s/config.yaml`.

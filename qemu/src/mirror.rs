@@ -1,0 +1,1 @@
+//! A loopback HTTP artifact mirror with fault injection.
