@@ -71,6 +71,36 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     sync_dir(dir)
 }
 
+/// Copies `src` to `dst` with the same guarantees as [`write_atomic`], streaming (large
+/// binaries never sit in memory).
+pub fn copy_atomic(src: &Path, dst: &Path, mode: u32) -> Result<()> {
+    let dir = parent_dir(dst);
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = dst
+        .file_name()
+        .with_context(|| format!("{} has no file name", dst.display()))?;
+    let tmp = dir.join(format!(".{}.kiln-tmp", name.to_string_lossy()));
+    {
+        let mut input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {}", tmp.display()))?;
+        std::io::copy(&mut input, &mut f)
+            .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("fsync {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, dst)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
+    sync_dir(dir)
+}
+
 /// fsync a directory so a rename in it survives power loss.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
