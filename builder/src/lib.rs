@@ -1,2 +1,3 @@
 pub mod cli;
 pub mod cmd_qemu;
+pub mod publish;
