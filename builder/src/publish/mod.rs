@@ -11,7 +11,7 @@ pub mod account;
 pub mod expiry;
 pub mod sas;
 pub mod shared_key;
-// pub mod terraform;
+pub mod terraform;
 pub mod upload;
 
 pub use account::{RetrySettings, StorageAccount};
