@@ -46,10 +46,10 @@ fn upload_then_republish_is_skipped_by_hash_and_curl_gets_the_same_bytes() {
     let first = publish(&account, &data, quick_retry()).unwrap();
     assert_eq!(first.outcome, Outcome::Uploaded);
     assert_eq!(first.sha256, sha);
-    assert_eq!(first.blob_name, format!("bundles/{sha}.tar.gz"));
+    assert_eq!(first.blob_name, format!("bundle-{sha}.tar.gz"));
     assert_eq!(
         first.blob_url.as_str(),
-        format!("{}/{CONTAINER}/bundles/{sha}.tar.gz", azurite.endpoint())
+        format!("{}/{CONTAINER}/bundle-{sha}.tar.gz", azurite.endpoint())
     );
 
     let again = publish(&account, &data, quick_retry()).unwrap();
@@ -138,7 +138,7 @@ fn the_signed_url_is_read_only_single_blob_and_expires() {
 
     // The token is scoped to its blob: reusing its query on a sibling name is refused.
     let mut sibling = p.read_url.clone();
-    sibling.set_path(&format!("/{ACCOUNT}/{CONTAINER}/bundles/other.tar.gz"));
+    sibling.set_path(&format!("/{ACCOUNT}/{CONTAINER}/bundle-other.tar.gz"));
     assert_eq!(curl(sibling.as_str()).0, 403);
 
     // And it is read-only: a PUT with it is refused and the blob is unchanged.

@@ -1,6 +1,6 @@
 //! `kiln publish`: put a profile's bundle in Azure Blob Storage and write the url-mode payload.
 //!
-//! Flow: build the bundle → upload it as `bundles/<sha256>.tar.gz` (skipped when a blob of that
+//! Flow: build the bundle → upload it as `bundle-<sha256>.tar.gz` (skipped when a blob of that
 //! name already serves exactly those bytes; otherwise staged in blocks with progress, retried on
 //! transient failures, and read back to prove the hash) → sign a read-only, single-blob SAS URL
 //! that expires at the profile's/CLI's date → render `custom_data.gz` whose bootstrap downloads that

@@ -21,9 +21,9 @@ pub const BLOCK_SIZE: usize = 4 * 1024 * 1024;
 /// Metadata key recording the content hash (informational: verification always re-hashes).
 pub const SHA256_METADATA: &str = "kiln_sha256";
 
-/// Content-addressed name of a bundle in its container.
+/// Content-addressed name of a bundle in its container (the builder's `bundle-base-url` layout).
 pub fn bundle_blob_name(sha: &Sha256) -> String {
-    format!("bundles/{}.tar.gz", sha.to_hex())
+    format!("bundle-{}.tar.gz", sha.to_hex())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
