@@ -1,11 +1,15 @@
 //! The step engine: ordered steps with check/apply/verify, a crash-safe journal, retries of
 //! transient errors only, and live status.
 
-use crate::download::{DownloadError, Fetcher};
+use crate::download::{DownloadError, FetchPolicy, Fetcher};
 use crate::fs::Root;
+use crate::journal::{Journal, Lock, Opened, StepState};
+use crate::status::{RunState, Status};
 use anyhow::{Context, Result};
 use kiln_plan::{Plan, Secret, StepId};
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Facts a step learns and later steps (or a later run) need, e.g. the node's Tailscale IPs.
@@ -151,4 +155,310 @@ impl Backoff {
         // Jitter so that many nodes rebuilt together don't hammer a mirror in lockstep.
         d.mul_f64(0.5 + fastrand::f64() * 0.5)
     }
+}
+
+// ---- the runner ------------------------------------------------------------------------------
+
+/// How one daemon run behaves. `Default` is what the unit runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Steps to apply even when their check passes.
+    pub force: Vec<StepId>,
+    /// The plan file (a host path); default `/etc/kiln/plan.json` under the root.
+    pub plan_path: Option<PathBuf>,
+    /// Pacing of step retries.
+    pub backoff: Backoff,
+    pub fetch: FetchPolicy,
+}
+
+/// How a run ended. Exit codes: done 0, failed 1, refused 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every step is done or skipped.
+    Done,
+    /// A step failed (permanently, or transiently past its deadline). The journal is
+    /// resumable: the next run starts again at that step.
+    Failed { step: StepId, error: String },
+    /// Nothing ran: bad plan, tampered bundle, a missing step implementation, or another
+    /// daemon holding the lock.
+    Refused { error: String },
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Done => 0,
+            Outcome::Failed { .. } => 1,
+            Outcome::Refused { .. } => 2,
+        }
+    }
+}
+
+/// Milestones: one line each on `out` (stdout under systemd goes to the journal and the
+/// console, so serial logs show them). The format is stable; `kiln qemu` parses it.
+struct Milestones<'a>(&'a mut dyn Write);
+impl Milestones<'_> {
+    fn say(&mut self, line: std::fmt::Arguments) {
+        // A closed stdout must not stop the node from being built.
+        let _ = writeln!(self.0, "kiln: {line}");
+        let _ = self.0.flush();
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// Runs every step of the plan under `root`, in the order given, with journal, retries and
+/// status. Errors are returned only for failures of the daemon's own state handling (a journal
+/// that cannot be written); everything about the node is an [`Outcome`].
+pub fn run(
+    root: &Root,
+    steps: &[Box<dyn Step>],
+    opts: &RunOptions,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let mut ms = Milestones(out);
+    let mut status = Status::new();
+    let _ = status.write(root);
+    crate::systemd::notify_status("starting: checking the plan and bundle");
+
+    let refuse = |status: &mut Status, ms: &mut Milestones, error: String| {
+        ms.say(format_args!("refusing to run: {error}"));
+        crate::systemd::notify_status(&format!("refused: {error}"));
+        status.state = RunState::Refused;
+        status.last_error = Some(error.clone());
+        status.ended_at = Some(crate::time::now());
+        if let Err(e) = status.write(root) {
+            tracing::warn!("writing status: {e:#}");
+        }
+        Ok(Outcome::Refused { error })
+    };
+
+    // 1. The plan, strictly.
+    let plan_path = opts
+        .plan_path
+        .clone()
+        .unwrap_or_else(|| root.path(kiln_plan::paths::PLAN));
+    let plan_bytes = match std::fs::read(&plan_path) {
+        Ok(b) => b,
+        Err(e) => {
+            return refuse(
+                &mut status,
+                &mut ms,
+                format!("reading plan {}: {e}", plan_path.display()),
+            )
+        }
+    };
+    let plan = match Plan::from_json(&plan_bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            return refuse(
+                &mut status,
+                &mut ms,
+                format!("{}: {e}", plan_path.display()),
+            )
+        }
+    };
+    let plan_sha = kiln_plan::Sha256::digest(&plan_bytes);
+    status.plan_sha256 = Some(plan_sha);
+
+    // 2. The bundle it came in, before anything runs.
+    match crate::bundle::verify(root, &plan_bytes) {
+        Ok(crate::bundle::BundleCheck::Verified { files }) => {
+            tracing::info!(files, "bundle verified against SHA256SUMS")
+        }
+        Ok(crate::bundle::BundleCheck::Absent) => {
+            tracing::info!("no bundle SHA256SUMS under the root; plan taken as given")
+        }
+        Err(e) => return refuse(&mut status, &mut ms, format!("{e:#}")),
+    }
+
+    // 3. The step list must be sane.
+    let ids: Vec<StepId> = steps.iter().map(|s| s.id()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        if ids[..i].contains(id) {
+            return refuse(
+                &mut status,
+                &mut ms,
+                format!("step {id} is registered twice"),
+            );
+        }
+    }
+    for f in &opts.force {
+        if !ids.contains(f) {
+            return refuse(
+                &mut status,
+                &mut ms,
+                format!("--force {f}: no such step in this run"),
+            );
+        }
+    }
+
+    // 4. One daemon at a time, then the journal.
+    let _lock = match Lock::acquire(root) {
+        Ok(l) => l,
+        Err(e) => return refuse(&mut status, &mut ms, format!("{e:#}")),
+    };
+    let instance = crate::journal::instance_id(root)?;
+    status.instance_id = Some(instance.clone());
+    let (mut journal, how) = Journal::open(root, &instance, plan_sha, &ids)?;
+    match &how {
+        Opened::Fresh => {}
+        Opened::Resumed => tracing::info!(instance = %instance, "resuming the journal"),
+        Opened::NewInstance { old_id, kept } => ms.say(format_args!(
+            "new instance {instance} (was {old_id}); old journal kept as {}",
+            kept.display()
+        )),
+        Opened::Unreadable { kept, reason } => ms.say(format_args!(
+            "journal unreadable ({reason}); kept as {} and starting fresh",
+            kept.display()
+        )),
+    }
+    journal.runs += 1;
+    journal.save(root)?;
+    ms.say(format_args!(
+        "starting run {} on instance {instance}: {} steps, plan sha256 {plan_sha}",
+        journal.runs,
+        ids.len()
+    ));
+
+    let fetcher = Fetcher::with_policy(root, &plan.artifacts, opts.fetch.clone());
+    let mut facts = journal.facts();
+    status.state = RunState::Running;
+    let run_start = Instant::now();
+
+    for step in steps {
+        let id = step.id();
+        let forced = opts.force.contains(&id);
+        let limit = plan.deadline(id);
+        let t0 = Instant::now();
+        let deadline = t0 + limit;
+        fetcher.set_deadline(Some(deadline));
+        crate::systemd::notify_extend_timeout(limit + Duration::from_secs(60));
+        crate::systemd::notify_status(&format!("step {id}"));
+        {
+            let r = journal.step_mut(id);
+            r.state = StepState::Running;
+            r.attempts = 0;
+            r.started_at = Some(crate::time::now());
+            r.ended_at = None;
+            r.duration_ms = None;
+            r.last_error = None;
+        }
+        status.current_step = Some(id);
+        sync(&mut status, &journal, &facts);
+        journal.save(root)?;
+        status.write(root)?;
+        tracing::info!(step = %id, forced, "step started");
+
+        let before = facts.clone();
+        let mut backoff = opts.backoff.clone();
+        let result = loop {
+            journal.step_mut(id).attempts += 1;
+            let attempt = journal.step(id).map(|r| r.attempts).unwrap_or(1);
+            let mut cx = Cx {
+                plan: &plan,
+                root,
+                fetcher: &fetcher,
+                facts: &mut facts,
+                deadline,
+            };
+            let r = (|| -> Result<StepState> {
+                if !forced && step.check(&mut cx).context("check")? {
+                    step.verify(&mut cx).context("verify")?;
+                    return Ok(StepState::Skipped);
+                }
+                step.apply(&mut cx).context("apply")?;
+                step.verify(&mut cx).context("verify")?;
+                Ok(StepState::Done)
+            })();
+            match r {
+                Ok(s) => break Ok(s),
+                Err(e) if is_transient(&e) => {
+                    let delay = backoff.next_delay();
+                    let msg = format!("{e:#}");
+                    if Instant::now() + delay >= deadline {
+                        break Err(format!(
+                            "{msg} (still failing after {attempt} attempts when its {} deadline passed)",
+                            secs(limit)
+                        ));
+                    }
+                    ms.say(format_args!(
+                        "step {id} attempt {attempt} failed, retrying in {}: {msg}",
+                        secs(delay)
+                    ));
+                    journal.step_mut(id).last_error = Some(msg);
+                    sync(&mut status, &journal, &facts);
+                    journal.save(root)?;
+                    status.write(root)?;
+                    std::thread::sleep(delay);
+                }
+                Err(e) => break Err(format!("{e:#}")),
+            }
+        };
+        let took = t0.elapsed();
+        let r = journal.step_mut(id);
+        r.ended_at = Some(crate::time::now());
+        r.duration_ms = Some(took.as_millis() as u64);
+        match result {
+            Ok(state) => {
+                r.state = state;
+                r.last_error = None;
+                if state == StepState::Done {
+                    r.applied_at = r.ended_at.clone();
+                }
+                // Facts this step set or changed are recorded as its own.
+                for (k, v) in &facts {
+                    if before.get(k) != Some(v) {
+                        r.facts.insert(k.clone(), v.clone());
+                    }
+                }
+                r.facts.retain(|k, _| facts.contains_key(k));
+                sync(&mut status, &journal, &facts);
+                journal.save(root)?;
+                status.write(root)?;
+                match state {
+                    StepState::Skipped => ms.say(format_args!(
+                        "step {id} skipped (already in place, verified) in {}",
+                        secs(took)
+                    )),
+                    _ => ms.say(format_args!("step {id} done in {}", secs(took))),
+                }
+            }
+            Err(msg) => {
+                r.state = StepState::Failed;
+                r.last_error = Some(msg.clone());
+                status.state = RunState::Failed;
+                status.last_error = Some(format!("step {id}: {msg}"));
+                status.ended_at = Some(crate::time::now());
+                sync(&mut status, &journal, &facts);
+                journal.save(root)?;
+                status.write(root)?;
+                ms.say(format_args!("step {id} failed: {msg}"));
+                crate::systemd::notify_status(&format!("step {id} failed"));
+                return Ok(Outcome::Failed {
+                    step: id,
+                    error: msg,
+                });
+            }
+        }
+    }
+
+    status.state = RunState::Done;
+    status.current_step = None;
+    status.ended_at = Some(crate::time::now());
+    sync(&mut status, &journal, &facts);
+    status.write(root)?;
+    ms.say(format_args!(
+        "all steps done in {}",
+        secs(run_start.elapsed())
+    ));
+    Ok(Outcome::Done)
+}
+
+fn sync(status: &mut Status, journal: &Journal, facts: &Facts) {
+    status.steps = journal.steps.clone();
+    status.facts = facts.clone();
+    status.instance_id = Some(journal.instance_id.clone());
 }

@@ -1,14 +1,18 @@
 //! kiln-firstboot: the daemon that turns a plan into a running node.
 
 pub mod argocd;
+pub mod bundle;
 pub mod cli;
 pub mod cmd;
 pub mod download;
 pub mod engine;
 pub mod fs;
+pub mod journal;
 pub mod k3s;
+pub mod status;
 pub mod systemd;
 pub mod tailscale;
+pub mod time;
 
 /// THE step registry: every step the daemon runs, in order (k3s → tailscale →
 /// tailscale-operator → argocd → gitops → verify). The engine refuses to start unless this
