@@ -1,3 +1,258 @@
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::FAILURE
+//! `kiln` command line: one `run()` per subcommand.
+
+use crate::pipeline::{self, BuildError};
+use crate::render::{self, Rendered};
+use crate::resolve::{self, Delivery, Resolved};
+use crate::{bench, cmd_qemu, elf};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kiln_plan::{Role, StepId};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build a self-provisioning node from one declarative profile"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Render user-data, custom_data.gz, meta-data, seed.img, bundle.tar.gz and build.json.
+    Build(BuildArgs),
+    /// Parse, resolve and schema-check a profile without writing anything.
+    Validate(ProfileArgs),
+    /// Print what the node will do, step by step (secrets redacted).
+    Plan(ProfileArgs),
+    /// Time `kiln build` against `cloud-localds` making only the seed, in the same run.
+    Bench(bench::Args),
+    /// Boot a profile's payload in a local QEMU VM.
+    Qemu(cmd_qemu::Args),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BuildArgs {
+    pub profile: PathBuf,
+    /// Output directory.
+    #[arg(short, long, default_value = "out")]
+    pub out: PathBuf,
+    /// The static kiln-firstboot binary to ship (default: next to kiln, or the static build).
+    #[arg(long)]
+    pub firstboot: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ProfileArgs {
+    pub profile: PathBuf,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Build(a) => report(run_build(&a)),
+        Command::Validate(a) => report(run_validate(&a)),
+        Command::Plan(a) => report(run_plan(&a)),
+        Command::Bench(a) => report(bench::run(&a).map_err(BuildError::Other)),
+        Command::Qemu(a) => cmd_qemu::run(a),
+    }
+}
+
+fn report(r: Result<(), BuildError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(BuildError::Profile(e)) => {
+            eprintln!("{:?}", miette::Report::new(*e));
+            ExitCode::from(2)
+        }
+        Err(BuildError::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn warn(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
+pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
+    let epoch = render::source_date_epoch()?;
+    // Profile errors first: they need no daemon.
+    pipeline::resolve(&a.profile, &resolve::process_env)?;
+    let daemon_path = elf::find_daemon(a.firstboot.as_deref())?;
+    let daemon = elf::load_daemon(&daemon_path)?;
+    let (_, rendered) = pipeline::build(&a.profile, &daemon, epoch, &resolve::process_env)?;
+    pipeline::write_outputs(&a.out, &rendered)?;
+    warn(&rendered.warnings);
+    print!("{}", summary(&a.out, &rendered));
+    Ok(())
+}
+
+pub fn summary(out: &Path, r: &Rendered) -> String {
+    let mut s = format!(
+        "kiln: built {} into {}\n",
+        r.plan.node.hostname,
+        out.display()
+    );
+    for (name, data) in &r.files {
+        s.push_str(&format!(
+            "  {:<16} {:>9} bytes  sha256 {}\n",
+            name,
+            data.len(),
+            kiln_plan::Sha256::digest(data)
+        ));
+    }
+    if let Some(u) = &r.bundle_url {
+        s.push_str(&format!("  publish bundle.tar.gz at {u}\n"));
+    }
+    s.push_str(&r.budget.table());
+    s
+}
+
+pub fn run_validate(a: &ProfileArgs) -> Result<(), BuildError> {
+    let (_, resolved) = pipeline::resolve(&a.profile, &resolve::process_env)?;
+    // The schema and budget checks need a rendered payload; a stand-in daemon is enough for
+    // url delivery (the bundle is not in custom_data) and gives a lower bound for inline.
+    let fake = elf::tiny_static_elf();
+    let (_, rendered) = pipeline::build(&a.profile, &fake, 0, &resolve::process_env)?;
+    warn(&resolved.warnings);
+    println!(
+        "{}: valid (cloud-init 22.4.2 and 26.1 schemas; custom_data.gz {} bytes in {} delivery)",
+        a.profile.display(),
+        rendered.budget.custom_data_gz,
+        resolved.delivery.name()
+    );
+    Ok(())
+}
+
+pub fn run_plan(a: &ProfileArgs) -> Result<(), BuildError> {
+    let (_, resolved) = pipeline::resolve(&a.profile, &resolve::process_env)?;
+    warn(&resolved.warnings);
+    print!("{}", describe(&resolved));
+    Ok(())
+}
+
+/// What the node will do, in order. Secrets appear only as `<redacted>` with their source.
+pub fn describe(r: &Resolved) -> String {
+    let p = &r.plan;
+    let mut s = String::new();
+    let mut line = |t: String| {
+        s.push_str(&t);
+        s.push('\n');
+    };
+    line(format!(
+        "node {} ({})",
+        p.node.hostname,
+        match &p.node.role {
+            Role::Server => "K3s server".to_string(),
+            Role::Agent { server_url, .. } => format!("K3s agent of {server_url}"),
+        }
+    ));
+    line("cloud-init (first boot):".into());
+    line(format!(
+        "  - hostname {}, timezone {}{}, admin user {} ({} SSH key(s), no password, sudo)",
+        r.cloud.hostname,
+        r.cloud.timezone,
+        r.cloud
+            .locale
+            .as_deref()
+            .map(|l| format!(", locale {l}"))
+            .unwrap_or_default(),
+        r.cloud.admin_user,
+        r.cloud.ssh_authorized_keys.len()
+    ));
+    line(format!("  - write {} (0644)", kiln_plan::paths::PLAN));
+    for sec in &r.secrets {
+        line(format!(
+            "  - write {} (0600 root) = <redacted> from {} ({})",
+            sec.node_path, sec.source, sec.key
+        ));
+    }
+    match &r.delivery {
+        Delivery::Url { base } => line(format!(
+            "  - bootstrap: download {base}bundle-<sha256>.tar.gz, verify its sha256 with sha256sum, unpack, install and start kiln-firstboot"
+        )),
+        Delivery::Inline => line(
+            "  - bootstrap: verify the inline bundle's sha256 with sha256sum, unpack, install and start kiln-firstboot".into(),
+        ),
+    }
+    line(format!(
+        "kiln-firstboot steps{}:",
+        if p.artifacts.air_gap {
+            " (air-gap: no downloads)"
+        } else {
+            ""
+        }
+    ));
+    for step in StepId::ALL {
+        let d = p.deadline(step).as_secs();
+        let what = match step {
+            StepId::K3s => format!(
+                "install K3s {} from {} (sha256 {}), write {} {}, start k3s and wait until the node is Ready",
+                p.k3s.version,
+                p.k3s.binary.url,
+                p.k3s.binary.sha256,
+                kiln_plan::paths::K3S_CONFIG,
+                serde_json::to_string(&p.k3s.config).unwrap_or_default()
+            ),
+            StepId::Tailscale => format!(
+                "install Tailscale {} from {} (sha256 {}), join the tailnet as {}{} with the auth key <redacted>",
+                p.tailscale.version,
+                p.tailscale.tarball.url,
+                p.tailscale.tarball.sha256,
+                p.tailscale.hostname,
+                if p.tailscale.tags.is_empty() { String::new() } else { format!(" tagged {}", p.tailscale.tags.join(",")) }
+            ),
+            StepId::TailscaleOperator => format!(
+                "install the tailscale-operator chart {} from {} into namespace {} (OAuth client {}, secret <redacted>), ingress class {}, device {}",
+                p.tailscale.operator.chart_version,
+                p.tailscale.operator.chart_repo,
+                p.tailscale.operator.namespace,
+                p.tailscale.operator.oauth_client_id,
+                p.tailscale.operator.ingress_class,
+                p.tailscale.operator.hostname
+            ),
+            StepId::Argocd => format!(
+                "install Argo CD {} from {} (sha256 {}) into namespace {}, expose argocd-server on the tailnet as {} (ingress class {})",
+                p.argocd.version,
+                p.argocd.manifest.url,
+                p.argocd.manifest.sha256,
+                p.argocd.namespace,
+                p.argocd.ingress_host,
+                p.argocd.ingress_class
+            ),
+            StepId::Gitops => format!(
+                "create the root Application {} for {} at {} path {}{} (automated sync, prune, self-heal)",
+                p.gitops.app_name,
+                p.gitops.repo_url,
+                p.gitops.revision,
+                p.gitops.path,
+                match &p.gitops.credentials {
+                    Some(c) => format!(", repository credentials {} / <redacted>", c.username),
+                    None => String::new(),
+                }
+            ),
+            StepId::Verify => "check node Ready, every manifest applied, Helm installs complete, root Application present; report sync/health".into(),
+        };
+        line(format!(
+            "  {}. {step} (deadline {d}s): {what}",
+            step as usize + 1
+        ));
+    }
+    s
+}
+
+/// Reads a profile path given relative to the repository (used by bench and tests).
+pub fn repo_path(rel: &str) -> Result<PathBuf> {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let p = base.join(rel);
+    p.canonicalize()
+        .with_context(|| format!("cannot find {}", p.display()))
 }

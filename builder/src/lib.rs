@@ -1,3 +1,19 @@
+//! kiln: one declarative node profile → cloud-init payload, NoCloud seed and release bundle.
+//!
+//! Flow: [`profile`] (strict parse, `extends`, positions) → [`resolve`] (defaults, pins,
+//! secrets → [`kiln_plan::Plan`]) → [`render`] (cloud-config, bundle, seed, build.json) →
+//! [`validate`] (cloud-init schemas, size budgets). [`cli`] wires the subcommands.
+
+pub mod bench;
+pub mod diag;
+pub mod elf;
+pub mod pipeline;
+pub mod profile;
+pub mod render;
+pub mod resolve;
+pub mod seed;
+pub mod source;
+pub mod validate;
 pub mod cli;
 pub mod cmd_qemu;
 pub mod publish;

@@ -1,0 +1,93 @@
+//! profile → resolve → render → outputs, with errors that keep their profile position.
+
+use crate::diag::ProfileError;
+use crate::profile::{self, Loaded};
+use crate::render::{self, Inputs, Rendered};
+use crate::resolve::{self, Env, Resolved};
+use crate::source::key_path;
+use crate::validate::OverBudget;
+use anyhow::{Context, Result};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Profile(Box<ProfileError>),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl From<ProfileError> for BuildError {
+    fn from(e: ProfileError) -> Self {
+        BuildError::Profile(Box::new(e))
+    }
+}
+
+/// Parse + resolve (no daemon, no rendering): `kiln plan` and the first half of everything.
+pub fn resolve(path: &Path, env: Env) -> Result<(Loaded, Resolved), ProfileError> {
+    let loaded = profile::load(path)?;
+    let resolved = resolve::resolve(&loaded, env)?;
+    Ok((loaded, resolved))
+}
+
+/// Everything `kiln build` does except writing files.
+pub fn build(
+    path: &Path,
+    daemon: &[u8],
+    epoch: u64,
+    env: Env,
+) -> Result<(Resolved, Rendered), BuildError> {
+    let (loaded, resolved) = resolve(path, env)?;
+    let inputs = Inputs {
+        daemon,
+        epoch,
+        profile_name: path.display().to_string(),
+    };
+    match render::render(&resolved, &inputs) {
+        Ok(r) => Ok((resolved, r)),
+        Err(e) => match e.downcast::<OverBudget>() {
+            Ok(over) => Err(loaded
+                .sources
+                .error(&key_path(&["artifacts", "delivery"]), true, over.to_string())
+                .with_help("shrink the largest contributors, or deliver more by url (the bundle is never in url-mode custom_data)")
+                .into()),
+            Err(e) => Err(BuildError::Other(e)),
+        },
+    }
+}
+
+/// Writes the outputs into `dir`: everything goes to a temporary directory next to it first,
+/// so a failure leaves `dir` untouched, and each file then replaces its old version atomically.
+pub fn write_outputs(dir: &Path, rendered: &Rendered) -> Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => Path::new(".").to_path_buf(),
+    };
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".kiln-out-")
+        .tempdir_in(&parent)
+        .with_context(|| {
+            format!(
+                "cannot create a temporary directory in {}",
+                parent.display()
+            )
+        })?;
+    for (name, data) in &rendered.files {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, data).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if !dir.exists() {
+        let tmp_path = tmp.keep();
+        std::fs::rename(&tmp_path, dir)
+            .with_context(|| format!("cannot move {} to {}", tmp_path.display(), dir.display()))?;
+        return Ok(());
+    }
+    for (name, _) in &rendered.files {
+        let to = dir.join(name);
+        std::fs::rename(tmp.path().join(name), &to)
+            .with_context(|| format!("cannot write {}", to.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! The profile: one node, declared in YAML. Strict (`deny_unknown_fields` everywhere,
+//! kebab-case keys), typed values parsed during deserialization, secrets only by reference.
+//! See `docs/profile.md` for the reference.
+
+use crate::diag::ProfileError;
+use crate::source::{self, Seg, Sources};
+use kiln_plan::{Sha256, StepId, Version};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use url::Url;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Profile {
+    pub node: NodeSpec,
+    pub k3s: K3sSpec,
+    pub tailscale: TailscaleSpec,
+    pub argocd: ArgoCdSpec,
+    #[serde(default)]
+    pub artifacts: ArtifactsSpec,
+    /// Per-step deadline in seconds (the daemon stops retrying after it).
+    #[serde(default)]
+    pub deadlines: BTreeMap<StepId, u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeSpec {
+    pub hostname: String,
+    #[serde(default)]
+    pub role: RoleSpec,
+    pub admin: AdminSpec,
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// System locale set by cloud-init (`C.UTF-8` for minimal images without `locales`).
+    #[serde(default)]
+    pub locale: Option<String>,
+}
+
+fn default_timezone() -> String {
+    "Etc/UTC".into()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum RoleSpec {
+    #[default]
+    Server,
+    /// Designed for: joins an existing server.
+    Agent(AgentSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentSpec {
+    pub server_url: Url,
+    pub token: SecretRef,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AdminSpec {
+    pub user: String,
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct K3sSpec {
+    #[serde(default = "default_k3s_version")]
+    pub version: Version,
+    /// sha256 of the `k3s` (amd64) release binary: required, kiln ships no unverified pin.
+    pub sha256: Sha256,
+    #[serde(default = "default_disable")]
+    pub disable: Vec<String>,
+    #[serde(default = "yes")]
+    pub secrets_encryption: bool,
+    #[serde(default = "default_kubeconfig_mode")]
+    pub write_kubeconfig_mode: String,
+    /// Extra `/etc/rancher/k3s/config.yaml` keys, checked against the allowed server flags.
+    #[serde(default)]
+    pub config: BTreeMap<String, serde_json::Value>,
+}
+
+pub const DEFAULT_K3S_VERSION: &str = "v1.32.4+k3s1";
+fn default_k3s_version() -> Version {
+    DEFAULT_K3S_VERSION.parse().expect("valid default")
+}
+fn default_disable() -> Vec<String> {
+    vec!["traefik".into(), "servicelb".into()]
+}
+fn yes() -> bool {
+    true
+}
+/// The kubeconfig holds cluster-admin credentials and only root (the daemon) reads it.
+fn default_kubeconfig_mode() -> String {
+    "0600".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TailscaleSpec {
+    #[serde(default = "default_tailscale_version")]
+    pub version: Version,
+    /// sha256 of `tailscale_<version>_amd64.tgz`: required.
+    pub sha256: Sha256,
+    /// Device name in the tailnet; defaults to the node hostname.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub auth_key: SecretRef,
+    pub operator: OperatorSpec,
+}
+
+pub const DEFAULT_TAILSCALE_VERSION: &str = "v1.102.3";
+fn default_tailscale_version() -> Version {
+    DEFAULT_TAILSCALE_VERSION.parse().expect("valid default")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct OperatorSpec {
+    /// Defaults to the Tailscale version without `v`.
+    #[serde(default)]
+    pub chart_version: Option<String>,
+    #[serde(default = "default_chart_repo")]
+    pub chart_repo: Url,
+    #[serde(default = "default_operator_namespace")]
+    pub namespace: String,
+    pub oauth_client_id: String,
+    pub oauth_client_secret: SecretRef,
+    #[serde(default = "default_ingress_class")]
+    pub ingress_class: String,
+    #[serde(default = "default_operator_hostname")]
+    pub hostname: String,
+}
+
+fn default_chart_repo() -> Url {
+    Url::parse("https://pkgs.tailscale.com/helmcharts").expect("valid default")
+}
+fn default_operator_namespace() -> String {
+    "tailscale".into()
+}
+fn default_ingress_class() -> String {
+    "tailscale".into()
+}
+fn default_operator_hostname() -> String {
+    "tailscale-operator".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ArgoCdSpec {
+    #[serde(default = "default_argocd_version")]
+    pub version: Version,
+    /// sha256 of the upstream `install.yaml`; defaults to kiln's pin for v3.4.7 only.
+    #[serde(default)]
+    pub sha256: Option<Sha256>,
+    #[serde(default = "default_argocd_namespace")]
+    pub namespace: String,
+    /// First label of the Tailscale Ingress TLS host (`argocd` → `argocd.<tailnet>.ts.net`).
+    #[serde(default = "default_ingress_host")]
+    pub ingress_host: String,
+    pub gitops: GitOpsSpec,
+}
+
+pub const DEFAULT_ARGOCD_VERSION: &str = "v3.4.7";
+/// sha256 of argo-cd v3.4.7 `manifests/install.yaml` (commit 7b6113c1, 1,890,752 bytes),
+/// computed from the upstream file (see tests/upstream PROVENANCE).
+pub const ARGOCD_V3_4_7_INSTALL_SHA256: &str =
+    "11016889371e4b1e3754b7ba2494b36ab1111338bd2362d499abe3ff2f63c906";
+fn default_argocd_version() -> Version {
+    DEFAULT_ARGOCD_VERSION.parse().expect("valid default")
+}
+fn default_argocd_namespace() -> String {
+    "argocd".into()
+}
+fn default_ingress_host() -> String {
+    "argocd".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GitOpsSpec {
+    pub repo: Url,
+    #[serde(default = "default_revision")]
+    pub revision: String,
+    pub path: String,
+    /// Name of the root Application (app-of-apps).
+    #[serde(default = "default_app_name")]
+    pub app_name: String,
+    #[serde(default)]
+    pub credentials: Option<RepoCredentialsSpec>,
+}
+
+fn default_revision() -> String {
+    "HEAD".into()
+}
+fn default_app_name() -> String {
+    "root".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RepoCredentialsSpec {
+    pub username: String,
+    pub password: SecretRef,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ArtifactsSpec {
+    /// One base URL serving every artifact under kiln's mirror layout; upstream otherwise.
+    #[serde(default)]
+    pub mirror: Option<Url>,
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+    /// `delivery: url`: where `bundle-<sha256>.tar.gz` is published (e.g. an Azure Blob container).
+    #[serde(default)]
+    pub bundle_base_url: Option<Url>,
+    #[serde(default)]
+    pub air_gap: bool,
+    #[serde(default)]
+    pub local_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliverySpec {
+    /// The bootstrap downloads the bundle (Azure: custom_data stays small).
+    #[default]
+    Url,
+    /// The bundle travels base64 inside user-data (NoCloud seeds).
+    Inline,
+}
+
+/// A secret is never written in a profile: it is read from an environment variable or a file
+/// (relative to the directory of the profile file that names it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(String),
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env(n) => write!(f, "env:{n}"),
+            SecretRef::File(p) => write!(f, "file:{p}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const HOW: &str = "secrets are never written in a profile: use {env: NAME} or {file: path}";
+        impl<'de> Visitor<'de> for V {
+            type Value = SecretRef;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("{env: NAME} or {file: path}")
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretRef, E> {
+                Err(E::custom(format!(
+                    "a literal value is not allowed here; {HOW}"
+                )))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretRef, A::Error> {
+                let mut out = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.is_some() {
+                        return Err(de::Error::custom(format!(
+                            "a secret has exactly one source; {HOW}"
+                        )));
+                    }
+                    let v: String = map.next_value()?;
+                    if v.trim().is_empty() {
+                        return Err(de::Error::custom(format!("`{key}` must not be empty")));
+                    }
+                    out = Some(match key.as_str() {
+                        "env" => SecretRef::Env(v),
+                        "file" => SecretRef::File(v),
+                        other => return Err(de::Error::unknown_field(other, &["env", "file"])),
+                    });
+                }
+                out.ok_or_else(|| de::Error::custom(HOW))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A parsed profile with the places of its keys.
+pub struct Loaded {
+    pub profile: Profile,
+    pub sources: Sources,
+}
+
+/// Reads, merges and deserializes a profile. Every error names file:line:col and the key.
+pub fn load(path: &Path) -> Result<Loaded, ProfileError> {
+    let (value, sources) = source::load(path)?;
+    let profile: Profile = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path: Vec<Seg> = e
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone())),
+                serde_path_to_error::Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
+                serde_path_to_error::Segment::Unknown => None,
+            })
+            .collect();
+        let msg = e.inner().to_string();
+        // serde_yaml appends its own (meaningless after merging) position; ours is exact.
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        let unknown = msg.starts_with("unknown field") || msg.starts_with("unknown variant");
+        sources.error(&path, unknown && msg.starts_with("unknown field"), msg)
+    })?;
+    Ok(Loaded { profile, sources })
+}

@@ -1,0 +1,339 @@
+//! Rendering: bundle, cloud-config (user-data), custom_data.gz, meta-data, seed.img and
+//! build.json, all in memory and deterministic. Nothing here touches the output directory.
+
+use crate::resolve::{Delivery, Resolved};
+use crate::{seed, validate};
+use anyhow::{Context, Result};
+use base64::Engine;
+use flate2::{Compression, GzBuilder};
+use kiln_plan::{manifests, paths, BundledManifest, Plan, Sha256};
+use serde::Serialize;
+use std::io::Write;
+
+pub const USER_DATA_TEMPLATE: &str = include_str!("../templates/user-data.tera");
+pub const BOOTSTRAP_TEMPLATE: &str = include_str!("../templates/bootstrap.sh.tera");
+pub const META_DATA_TEMPLATE: &str = include_str!("../templates/meta-data.tera");
+/// The daemon's unit, owned by the daemon (firstboot/systemd/).
+pub const UNIT: &str = include_str!("../../firstboot/systemd/kiln-firstboot.service");
+pub const BOOTSTRAP_PATH: &str = "/var/lib/kiln/bootstrap.sh";
+
+/// Output file names, in the order build.json lists them.
+pub const USER_DATA: &str = "user-data";
+pub const CUSTOM_DATA: &str = "custom_data.gz";
+pub const META_DATA: &str = "meta-data";
+pub const SEED: &str = "seed.img";
+pub const BUNDLE: &str = "bundle.tar.gz";
+pub const BUILD_JSON: &str = "build.json";
+
+/// Build-time inputs besides the resolved profile.
+pub struct Inputs<'a> {
+    pub daemon: &'a [u8],
+    /// Tar mtimes and FAT timestamps (SOURCE_DATE_EPOCH, or 0).
+    pub epoch: u64,
+    /// Shown in the cloud-config header and build.json (the profile path as given).
+    pub profile_name: String,
+}
+
+#[derive(Debug)]
+pub struct Rendered {
+    pub plan: Plan,
+    pub bundle_sha256: Sha256,
+    pub bundle_url: Option<url::Url>,
+    /// (name, bytes) for every output, build.json last.
+    pub files: Vec<(&'static str, Vec<u8>)>,
+    pub bootstrap: String,
+    pub budget: validate::Budget,
+    pub warnings: Vec<String>,
+}
+
+impl Rendered {
+    pub fn file(&self, name: &str) -> &[u8] {
+        &self
+            .files
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("known output")
+            .1
+    }
+}
+
+/// SOURCE_DATE_EPOCH when set (reproducible-builds.org), else 0.
+pub fn source_date_epoch() -> Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+        Err(_) => Ok(0),
+    }
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    // mtime 0 and no file name: the same input always gives the same bytes.
+    let mut enc = GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), Compression::best());
+    enc.write_all(data).expect("in-memory write");
+    enc.finish().expect("in-memory write")
+}
+
+/// Single-quotes a string for POSIX sh.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn indent(text: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    text.lines()
+        .map(|l| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{pad}{l}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn tera(template: &str, ctx: &tera::Context) -> Result<String> {
+    tera::Tera::one_off(template, ctx, false).map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        anyhow::anyhow!("template error: {msg}")
+    })
+}
+
+/// The release bundle: sorted entries, fixed owner/mode/mtime, gzip mtime 0.
+pub fn bundle(
+    plan_json: &[u8],
+    daemon: &[u8],
+    manifests: &[manifests::ManifestFile],
+    epoch: u64,
+) -> Vec<u8> {
+    let mut files: Vec<(String, &[u8], u32)> = vec![
+        ("kiln-firstboot".into(), daemon, 0o755),
+        ("kiln-firstboot.service".into(), UNIT.as_bytes(), 0o644),
+        ("plan.json".into(), plan_json, 0o644),
+    ];
+    for m in manifests {
+        files.push((format!("manifests/{}", m.file), &m.bytes, 0o644));
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let sums: String = files
+        .iter()
+        .map(|(name, data, _)| format!("{}  {name}\n", Sha256::digest(data)))
+        .collect();
+    let mut entries: Vec<(String, Option<(&[u8], u32)>)> = files
+        .iter()
+        .map(|(n, d, m)| (n.clone(), Some((*d, *m))))
+        .collect();
+    entries.push(("SHA256SUMS".into(), Some((sums.as_bytes(), 0o644))));
+    if !manifests.is_empty() {
+        entries.push(("manifests/".into(), None));
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, content) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_username("root").expect("short name");
+        h.set_groupname("root").expect("short name");
+        h.set_mtime(epoch);
+        match content {
+            Some((data, mode)) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(mode);
+                h.set_size(data.len() as u64);
+                h.set_path(&name).expect("short path");
+                h.set_cksum();
+                tar.append(&h, data).expect("in-memory tar");
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                h.set_path(&name).expect("short path");
+                h.set_cksum();
+                tar.append(&h, std::io::empty()).expect("in-memory tar");
+            }
+        }
+    }
+    gzip(&tar.into_inner().expect("in-memory tar"))
+}
+
+#[derive(Serialize)]
+struct SecretCtx<'a> {
+    path: &'a str,
+    value: &'a str,
+}
+
+pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
+    let mut plan = resolved.plan.clone();
+    let files = manifests::bundled(&plan);
+    plan.manifests = files
+        .iter()
+        .map(|m| BundledManifest {
+            step: m.step,
+            file: m.file.clone(),
+            sha256: Sha256::digest(&m.bytes),
+        })
+        .collect();
+    let plan_json = plan.to_json();
+    let bundle = bundle(&plan_json, inputs.daemon, &files, inputs.epoch);
+    let bundle_sha256 = Sha256::digest(&bundle);
+    let bundle_url = match &resolved.delivery {
+        Delivery::Url { base } => Some(
+            base.join(&format!("bundle-{bundle_sha256}.tar.gz"))
+                .context("bundle URL")?,
+        ),
+        Delivery::Inline => None,
+    };
+
+    let mut ctx = tera::Context::new();
+    ctx.insert("delivery", resolved.delivery.name());
+    ctx.insert(
+        "bundle_url",
+        &bundle_url
+            .as_ref()
+            .map(|u| sh_quote(u.as_str()))
+            .unwrap_or_default(),
+    );
+    ctx.insert("bundle_tarball", paths::BUNDLE_TARBALL);
+    ctx.insert("pin_path", paths::BUNDLE_PIN);
+    ctx.insert("plan_path", paths::PLAN);
+    ctx.insert("state_dir", paths::STATE_DIR);
+    ctx.insert("secrets_dir", paths::SECRETS_DIR);
+    ctx.insert("bundle_dir", paths::BUNDLE_DIR);
+    ctx.insert("daemon", paths::DAEMON_BIN);
+    ctx.insert("unit", paths::UNIT);
+    let bootstrap = tera(BOOTSTRAP_TEMPLATE, &ctx)?;
+
+    let c = &resolved.cloud;
+    ctx.insert("kiln_version", env!("CARGO_PKG_VERSION"));
+    ctx.insert("hostname", &c.hostname);
+    ctx.insert("timezone", &c.timezone);
+    ctx.insert("locale", &c.locale);
+    ctx.insert("admin_user", &c.admin_user);
+    ctx.insert("ssh_keys", &c.ssh_authorized_keys);
+    ctx.insert(
+        "plan_json",
+        &indent(std::str::from_utf8(&plan_json).expect("json is utf-8"), 6),
+    );
+    ctx.insert("bundle_sha256", &bundle_sha256.to_hex());
+    let secrets: Vec<SecretCtx> = resolved
+        .secrets
+        .iter()
+        .map(|s| SecretCtx {
+            path: s.node_path,
+            value: s.value.expose(),
+        })
+        .collect();
+    ctx.insert("secrets", &secrets);
+    ctx.insert("bootstrap_path", BOOTSTRAP_PATH);
+    ctx.insert("bootstrap", &indent(&bootstrap, 6));
+    let bundle_b64 = match resolved.delivery {
+        Delivery::Inline => base64::engine::general_purpose::STANDARD.encode(&bundle),
+        Delivery::Url { .. } => String::new(),
+    };
+    ctx.insert("bundle_b64", &bundle_b64);
+    let user_data = tera(USER_DATA_TEMPLATE, &ctx)?;
+    drop(ctx); // holds secret values
+
+    validate::cloud_config(&user_data)?;
+    let custom_data = gzip(user_data.as_bytes());
+    let budget = validate::budget(&user_data, custom_data.len(), &resolved.delivery)?;
+
+    let instance_id = format!(
+        "kiln-{}",
+        &Sha256::digest(user_data.as_bytes()).to_hex()[..16]
+    );
+    let mut mctx = tera::Context::new();
+    mctx.insert("instance_id", &instance_id);
+    mctx.insert("hostname", &c.hostname);
+    let meta_data = tera(META_DATA_TEMPLATE, &mctx)?;
+    let seed = seed::build(user_data.as_bytes(), meta_data.as_bytes(), inputs.epoch)?;
+
+    let mut warnings = resolved.warnings.clone();
+    if matches!(resolved.delivery, Delivery::Url { .. })
+        && custom_data.len() > validate::GOAL_URL_MODE
+    {
+        warnings.push(format!(
+            "custom_data.gz is {} bytes, above kiln's {}-byte goal for url delivery",
+            custom_data.len(),
+            validate::GOAL_URL_MODE
+        ));
+    }
+
+    let mut files: Vec<(&'static str, Vec<u8>)> = vec![
+        (USER_DATA, user_data.into_bytes()),
+        (CUSTOM_DATA, custom_data),
+        (META_DATA, meta_data.into_bytes()),
+        (SEED, seed),
+        (BUNDLE, bundle),
+    ];
+    let build_json = build_json(
+        &plan,
+        resolved,
+        inputs,
+        &files,
+        &bundle_sha256,
+        bundle_url.as_ref(),
+        &budget,
+        &warnings,
+    );
+    files.push((BUILD_JSON, build_json));
+    Ok(Rendered {
+        plan,
+        bundle_sha256,
+        bundle_url,
+        files,
+        bootstrap,
+        budget,
+        warnings,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_json(
+    plan: &Plan,
+    resolved: &Resolved,
+    inputs: &Inputs,
+    files: &[(&'static str, Vec<u8>)],
+    bundle_sha256: &Sha256,
+    bundle_url: Option<&url::Url>,
+    budget: &validate::Budget,
+    warnings: &[String],
+) -> Vec<u8> {
+    use serde_json::json;
+    let outputs: Vec<_> = files
+        .iter()
+        .map(|(name, data)| json!({"name": name, "size": data.len(), "sha256": Sha256::digest(data).to_hex()}))
+        .collect();
+    let secrets: Vec<_> = resolved
+        .secrets
+        .iter()
+        .map(|s| json!({"key": s.key, "source": s.source, "node-path": s.node_path, "value": "<redacted>"}))
+        .collect();
+    let doc = json!({
+        "kiln": env!("CARGO_PKG_VERSION"),
+        "profile": inputs.profile_name,
+        "source-date-epoch": inputs.epoch,
+        "delivery": resolved.delivery.name(),
+        "bundle": {"sha256": bundle_sha256.to_hex(), "url": bundle_url.map(|u| u.as_str())},
+        "outputs": outputs,
+        "plan": plan,
+        "secrets": secrets,
+        "budget": budget,
+        "warnings": warnings,
+    });
+    let mut out = serde_json::to_vec_pretty(&doc).expect("json");
+    out.push(b'\n');
+    out
+}

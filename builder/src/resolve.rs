@@ -1,0 +1,734 @@
+//! Profile → [`Plan`]: defaults, pins, artifact URLs, secrets, and the checks that need more
+//! than one key (compatibility, K3s config keys). Errors point at the key that caused them.
+
+use crate::diag::ProfileError;
+use crate::profile::{
+    self, DeliverySpec, Loaded, RoleSpec, SecretRef, ARGOCD_V3_4_7_INSTALL_SHA256,
+};
+use crate::source::{key_path, Seg, Sources};
+use kiln_plan::{
+    k3s_config, ArgoCd, Artifact, Artifacts, GitOps, K3s, Node, Plan, RepoCredentials, Role,
+    Secret, Sha256, StepId, Tailscale, TailscaleOperator, Version, PLAN_VERSION,
+};
+use std::collections::BTreeMap;
+use url::Url;
+
+/// Secret files on the node (0600 root), named by `kiln_plan::paths`' contract.
+pub const TAILSCALE_AUTH_KEY_FILE: &str = "/etc/kiln/secrets/tailscale-auth-key";
+pub const TAILSCALE_OAUTH_SECRET_FILE: &str = "/etc/kiln/secrets/tailscale-oauth-client-secret";
+pub const GITOPS_PASSWORD_FILE: &str = "/etc/kiln/secrets/gitops-repo-password";
+pub const K3S_TOKEN_FILE: &str = "/etc/kiln/secrets/k3s-token";
+
+/// A secret to be written on the node.
+#[derive(Debug, Clone)]
+pub struct SecretFile {
+    pub node_path: &'static str,
+    /// Profile key it came from (`tailscale.auth-key`).
+    pub key: String,
+    /// `env:NAME` / `file:path`, safe to print.
+    pub source: String,
+    pub value: Secret,
+}
+
+/// cloud-config settings that are not the daemon's business.
+#[derive(Debug, Clone)]
+pub struct CloudSettings {
+    pub hostname: String,
+    pub admin_user: String,
+    pub ssh_authorized_keys: Vec<String>,
+    pub timezone: String,
+    pub locale: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The bundle is fetched from `<base>bundle-<sha256>.tar.gz`.
+    Url {
+        base: Url,
+    },
+    Inline,
+}
+
+impl Delivery {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Delivery::Url { .. } => "url",
+            Delivery::Inline => "inline",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// `manifests` is empty here; rendering fills it with the bundled files' hashes.
+    pub plan: Plan,
+    pub secrets: Vec<SecretFile>,
+    pub cloud: CloudSettings,
+    pub delivery: Delivery,
+    /// Things that build but deserve a human look (printed, recorded in build.json).
+    pub warnings: Vec<String>,
+}
+
+/// Environment lookup, injected so tests need not touch the process environment.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+const DEFAULT_DEADLINES: [(StepId, u64); 6] = [
+    (StepId::K3s, 900),
+    (StepId::Tailscale, 600),
+    (StepId::TailscaleOperator, 900),
+    (StepId::Argocd, 1200),
+    (StepId::Gitops, 600),
+    (StepId::Verify, 1200),
+];
+
+/// Upstream release locations (used when the profile names no mirror).
+pub mod upstream {
+    pub const K3S: &str = "https://github.com/k3s-io/k3s/releases/download/";
+    pub const TAILSCALE: &str = "https://pkgs.tailscale.com/stable/";
+    pub const ARGOCD: &str = "https://raw.githubusercontent.com/argoproj/argo-cd/";
+}
+
+pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
+    let Loaded {
+        profile: p,
+        sources,
+    } = loaded;
+    let s = sources;
+    let mut warnings = Vec::new();
+
+    // --- node
+    check_hostname(s, &["node", "hostname"], &p.node.hostname)?;
+    let user = &p.node.admin.user;
+    let user_ok = user.len() <= 32
+        && user
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !user_ok || user == "root" {
+        return Err(s.error(
+            &key_path(&["node", "admin", "user"]),
+            false,
+            format!(
+                "invalid admin user name {user:?}: lowercase letters, digits, `_`, `-`, not root"
+            ),
+        ));
+    }
+    if p.node.admin.ssh_authorized_keys.is_empty() {
+        return Err(s.error(
+            &key_path(&["node", "admin", "ssh-authorized-keys"]),
+            false,
+            "at least one SSH public key is needed (the admin user has no password)",
+        ));
+    }
+    for (i, k) in p.node.admin.ssh_authorized_keys.iter().enumerate() {
+        let kind = k.split_whitespace().next().unwrap_or("");
+        let known =
+            kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
+        if !known || k.split_whitespace().count() < 2 || k.contains('\n') {
+            let mut path = key_path(&["node", "admin", "ssh-authorized-keys"]);
+            path.push(Seg::Index(i));
+            return Err(s.error(
+                &path,
+                false,
+                "not an SSH public key (expected `ssh-ed25519 AAAA... comment`); private keys never go in a profile",
+            ));
+        }
+    }
+    let tz = &p.node.timezone;
+    if tz.is_empty() || tz.contains(' ') || tz.contains("..") || tz.starts_with('/') {
+        return Err(s.error(
+            &key_path(&["node", "timezone"]),
+            false,
+            format!("invalid timezone {tz:?} (e.g. America/Recife)"),
+        ));
+    }
+
+    let mut secrets = Vec::new();
+    let role = match &p.node.role {
+        RoleSpec::Server => Role::Server,
+        RoleSpec::Agent(a) => {
+            if a.server_url.scheme() != "https" {
+                return Err(s.error(
+                    &key_path(&["node", "role", "agent", "server-url"]),
+                    false,
+                    "the K3s server URL must be https:// (e.g. https://server:6443)",
+                ));
+            }
+            secrets.push(read_secret(
+                s,
+                env,
+                &["node", "role", "agent", "token"],
+                &a.token,
+                K3S_TOKEN_FILE,
+            )?);
+            Role::Agent {
+                server_url: a.server_url.clone(),
+                token_file: K3S_TOKEN_FILE.into(),
+            }
+        }
+    };
+
+    // --- artifacts
+    let a = &p.artifacts;
+    let mirror = match &a.mirror {
+        Some(m) => {
+            check_http(s, &["artifacts", "mirror"], m)?;
+            Some(with_slash(m))
+        }
+        None => None,
+    };
+    let delivery = match a.delivery {
+        DeliverySpec::Inline => {
+            if a.bundle_base_url.is_some() {
+                return Err(s.error(
+                    &key_path(&["artifacts", "bundle-base-url"]),
+                    true,
+                    "bundle-base-url is only used with `delivery: url`",
+                ));
+            }
+            Delivery::Inline
+        }
+        DeliverySpec::Url => match &a.bundle_base_url {
+            Some(u) => {
+                check_http(s, &["artifacts", "bundle-base-url"], u)?;
+                if u.query().is_some() || u.fragment().is_some() {
+                    return Err(s.error(
+                        &key_path(&["artifacts", "bundle-base-url"]),
+                        false,
+                        "bundle-base-url is a directory URL without query or fragment",
+                    ));
+                }
+                Delivery::Url { base: with_slash(u) }
+            }
+            None => {
+                return Err(s.error(
+                    &key_path(&["artifacts", "delivery"]),
+                    true,
+                    "`delivery: url` needs `artifacts.bundle-base-url` (where bundle-<sha256>.tar.gz is published)",
+                ))
+            }
+        },
+    };
+    if let Some(dir) = &a.local_dir {
+        if !dir.starts_with('/') {
+            return Err(s.error(
+                &key_path(&["artifacts", "local-dir"]),
+                false,
+                "local-dir is an absolute path on the node",
+            ));
+        }
+    }
+    if a.air_gap && a.local_dir.is_none() {
+        warnings.push("artifacts.air-gap is on: every artifact must already be in the node's cache (a baked image)".into());
+    }
+    let artifacts = Artifacts {
+        air_gap: a.air_gap,
+        local_dir: a.local_dir.clone(),
+    };
+
+    // --- k3s
+    let k = &p.k3s;
+    if k.version.major != 1 {
+        return Err(s.error(
+            &key_path(&["k3s", "version"]),
+            false,
+            format!("unsupported K3s version {}", k.version),
+        ));
+    }
+    if k.version
+        .build
+        .as_deref()
+        .is_none_or(|b| !b.starts_with("k3s"))
+    {
+        return Err(s.error(
+            &key_path(&["k3s", "version"]),
+            false,
+            format!(
+                "K3s tags carry a +k3sN suffix, e.g. v1.32.4+k3s1; got {}",
+                k.version
+            ),
+        ));
+    }
+    for (i, item) in k.disable.iter().enumerate() {
+        if !k3s_config::DISABLE_ITEMS.contains(&item.as_str()) {
+            let mut path = key_path(&["k3s", "disable"]);
+            path.push(Seg::Index(i));
+            return Err(s.error(
+                &path,
+                false,
+                format!(
+                    "cannot disable {item:?}; packaged components are {}",
+                    k3s_config::DISABLE_ITEMS.join(", ")
+                ),
+            ));
+        }
+    }
+    if !matches!(k.write_kubeconfig_mode.as_str(), "0600" | "0640" | "0644") {
+        return Err(s.error(
+            &key_path(&["k3s", "write-kubeconfig-mode"]),
+            false,
+            format!(
+                "write-kubeconfig-mode must be \"0600\", \"0640\" or \"0644\", got {:?}",
+                k.write_kubeconfig_mode
+            ),
+        ));
+    }
+    let mut config: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for (key, value) in &k.config {
+        if let Err(e) = k3s_config::check(key, value) {
+            let unknown = matches!(
+                e,
+                k3s_config::KeyError::Unknown(_)
+                    | k3s_config::KeyError::Managed { .. }
+                    | k3s_config::KeyError::Secret(_)
+            );
+            return Err(s.error(&key_path(&["k3s", "config", key]), unknown, e.to_string()));
+        }
+        config.insert(key.clone(), value.clone());
+    }
+    config.insert(
+        "write-kubeconfig-mode".into(),
+        k.write_kubeconfig_mode.clone().into(),
+    );
+    config.insert("disable".into(), serde_json::json!(k.disable));
+    config.insert("secrets-encryption".into(), k.secrets_encryption.into());
+    config.insert("node-name".into(), p.node.hostname.clone().into());
+    if !k.secrets_encryption {
+        warnings.push(
+            "k3s.secrets-encryption is off: Secrets are stored unencrypted in the datastore".into(),
+        );
+    }
+    let k3s_tag = k.version.url_tag();
+    let (k3s_url, sums_url) = match &mirror {
+        Some(m) => (
+            join(m, &format!("k3s/{k3s_tag}/k3s")),
+            join(m, &format!("k3s/{k3s_tag}/sha256sum-amd64.txt")),
+        ),
+        None => {
+            let base = Url::parse(upstream::K3S).expect("valid");
+            (
+                join(&base, &format!("{k3s_tag}/k3s")),
+                join(&base, &format!("{k3s_tag}/sha256sum-amd64.txt")),
+            )
+        }
+    };
+    placeholder_pin(&mut warnings, "k3s.sha256", &k.sha256);
+    let k3s = K3s {
+        version: k.version.clone(),
+        binary: Artifact {
+            name: "k3s".into(),
+            url: k3s_url,
+            sha256: k.sha256,
+        },
+        checksums_url: Some(sums_url),
+        config,
+    };
+
+    // --- tailscale
+    let t = &p.tailscale;
+    if t.version.minor % 2 == 1 {
+        warnings.push(format!(
+            "tailscale.version {} has an odd minor number: an unstable Tailscale track",
+            t.version
+        ));
+    }
+    let ts_host = t
+        .hostname
+        .clone()
+        .unwrap_or_else(|| p.node.hostname.clone());
+    check_hostname(s, &["tailscale", "hostname"], &ts_host)?;
+    for (i, tag) in t.tags.iter().enumerate() {
+        let name = tag.strip_prefix("tag:").unwrap_or("");
+        let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !ok {
+            let mut path = key_path(&["tailscale", "tags"]);
+            path.push(Seg::Index(i));
+            return Err(s.error(
+                &path,
+                false,
+                format!("invalid tag {tag:?}: expected tag:<letters, digits, ->"),
+            ));
+        }
+    }
+    let tarball_name = format!("tailscale_{}_amd64.tgz", t.version.bare());
+    let ts_url = match &mirror {
+        Some(m) => join(m, &format!("tailscale/{tarball_name}")),
+        None => join(
+            &Url::parse(upstream::TAILSCALE).expect("valid"),
+            &tarball_name,
+        ),
+    };
+    placeholder_pin(&mut warnings, "tailscale.sha256", &t.sha256);
+    secrets.push(read_secret(
+        s,
+        env,
+        &["tailscale", "auth-key"],
+        &t.auth_key,
+        TAILSCALE_AUTH_KEY_FILE,
+    )?);
+    let o = &t.operator;
+    let chart_version = o.chart_version.clone().unwrap_or_else(|| t.version.bare());
+    if chart_version.parse::<Version>().is_err()
+        && format!("v{chart_version}").parse::<Version>().is_err()
+    {
+        return Err(s.error(
+            &key_path(&["tailscale", "operator", "chart-version"]),
+            false,
+            format!("invalid chart version {chart_version:?} (the Tailscale version without v, e.g. 1.102.3)"),
+        ));
+    }
+    check_http(s, &["tailscale", "operator", "chart-repo"], &o.chart_repo)?;
+    check_label(s, &["tailscale", "operator", "namespace"], &o.namespace)?;
+    check_label(s, &["tailscale", "operator", "hostname"], &o.hostname)?;
+    check_label(
+        s,
+        &["tailscale", "operator", "ingress-class"],
+        &o.ingress_class,
+    )?;
+    if o.oauth_client_id.trim().is_empty() || o.oauth_client_id.starts_with("tskey-client-") {
+        return Err(s.error(
+            &key_path(&["tailscale", "operator", "oauth-client-id"]),
+            false,
+            "the OAuth client id is the short id (e.g. kXXXXXXCNTRL), not the tskey-client- secret",
+        ));
+    }
+    secrets.push(read_secret(
+        s,
+        env,
+        &["tailscale", "operator", "oauth-client-secret"],
+        &o.oauth_client_secret,
+        TAILSCALE_OAUTH_SECRET_FILE,
+    )?);
+    let tailscale = Tailscale {
+        version: t.version.clone(),
+        tarball: Artifact {
+            name: tarball_name,
+            url: ts_url,
+            sha256: t.sha256,
+        },
+        hostname: ts_host,
+        tags: t.tags.clone(),
+        auth_key_file: Some(TAILSCALE_AUTH_KEY_FILE.into()),
+        operator: TailscaleOperator {
+            chart_repo: o.chart_repo.clone(),
+            chart_version,
+            namespace: o.namespace.clone(),
+            oauth_client_id: o.oauth_client_id.clone(),
+            oauth_client_secret_file: TAILSCALE_OAUTH_SECRET_FILE.into(),
+            ingress_class: o.ingress_class.clone(),
+            hostname: o.hostname.clone(),
+        },
+    };
+
+    // --- argocd
+    let ac = &p.argocd;
+    check_argocd_compat(s, &ac.version, &k.version)?;
+    let argo_sha = match ac.sha256 {
+        Some(h) => h,
+        None if ac.version.to_string() == profile::DEFAULT_ARGOCD_VERSION => {
+            ARGOCD_V3_4_7_INSTALL_SHA256.parse().expect("valid pin")
+        }
+        None => {
+            return Err(s.error(
+                &key_path(&["argocd", "version"]),
+                false,
+                format!(
+                    "argocd.sha256 is required for {} (kiln carries a pin for {} only)",
+                    ac.version,
+                    profile::DEFAULT_ARGOCD_VERSION
+                ),
+            )
+            .with_help("upstream publishes no checksum for install.yaml: download it once, review it, and pin `sha256sum install.yaml`"))
+        }
+    };
+    check_label(s, &["argocd", "namespace"], &ac.namespace)?;
+    check_label(s, &["argocd", "ingress-host"], &ac.ingress_host)?;
+    let argo_tag = ac.version.tag();
+    let argo_url = match &mirror {
+        Some(m) => join(m, &format!("argocd/{argo_tag}/install.yaml")),
+        None => join(
+            &Url::parse(upstream::ARGOCD).expect("valid"),
+            &format!("{argo_tag}/manifests/install.yaml"),
+        ),
+    };
+    let argocd = ArgoCd {
+        version: ac.version.clone(),
+        manifest: Artifact {
+            name: format!("argocd-{argo_tag}-install.yaml"),
+            url: argo_url,
+            sha256: argo_sha,
+        },
+        namespace: ac.namespace.clone(),
+        ingress_host: ac.ingress_host.clone(),
+        ingress_class: o.ingress_class.clone(),
+    };
+
+    // --- gitops
+    let g = &ac.gitops;
+    let gp = |k: &str| key_path(&["argocd", "gitops", k]);
+    match g.repo.scheme() {
+        "https" | "ssh" | "http" => {}
+        other => {
+            return Err(s.error(
+                &gp("repo"),
+                false,
+                format!("unsupported repository scheme {other:?} (https or ssh)"),
+            ))
+        }
+    }
+    if !g.repo.username().is_empty() || g.repo.password().is_some() {
+        return Err(s.error(
+            &gp("repo"),
+            false,
+            "the repository URL must not carry credentials; use argocd.gitops.credentials",
+        ));
+    }
+    if g.path.starts_with('/') || g.path.split('/').any(|c| c == "..") {
+        return Err(s.error(
+            &gp("path"),
+            false,
+            "path is relative to the repository root, without `..`",
+        ));
+    }
+    if g.revision.trim().is_empty() || g.revision.contains(char::is_whitespace) {
+        return Err(s.error(
+            &gp("revision"),
+            false,
+            "revision is a branch, tag, commit or HEAD",
+        ));
+    }
+    check_label(s, &["argocd", "gitops", "app-name"], &g.app_name)?;
+    let credentials = match &g.credentials {
+        None => None,
+        Some(c) => {
+            if c.username.trim().is_empty() {
+                return Err(s.error(
+                    &key_path(&["argocd", "gitops", "credentials", "username"]),
+                    false,
+                    "username must not be empty",
+                ));
+            }
+            secrets.push(read_secret(
+                s,
+                env,
+                &["argocd", "gitops", "credentials", "password"],
+                &c.password,
+                GITOPS_PASSWORD_FILE,
+            )?);
+            Some(RepoCredentials {
+                username: c.username.clone(),
+                password_file: GITOPS_PASSWORD_FILE.into(),
+            })
+        }
+    };
+    let gitops = GitOps {
+        app_name: g.app_name.clone(),
+        repo_url: g.repo.clone(),
+        revision: g.revision.clone(),
+        path: g.path.clone(),
+        credentials,
+    };
+
+    let mut deadlines: BTreeMap<StepId, u64> = DEFAULT_DEADLINES.into_iter().collect();
+    for (step, secs) in &p.deadlines {
+        if *secs < 30 || *secs > 6 * 3600 {
+            return Err(s.error(
+                &key_path(&["deadlines", step.as_str()]),
+                false,
+                "a step deadline is between 30 and 21600 seconds",
+            ));
+        }
+        deadlines.insert(*step, *secs);
+    }
+
+    let plan = Plan {
+        version: PLAN_VERSION,
+        node: Node {
+            hostname: p.node.hostname.clone(),
+            role,
+        },
+        artifacts,
+        k3s,
+        tailscale,
+        argocd,
+        gitops,
+        manifests: Vec::new(),
+        deadlines,
+    };
+    let cloud = CloudSettings {
+        hostname: p.node.hostname.clone(),
+        admin_user: user.clone(),
+        ssh_authorized_keys: p.node.admin.ssh_authorized_keys.clone(),
+        timezone: p.node.timezone.clone(),
+        locale: p.node.locale.clone(),
+    };
+    Ok(Resolved {
+        plan,
+        secrets,
+        cloud,
+        delivery,
+        warnings,
+    })
+}
+
+/// Argo CD's tested Kubernetes versions (docs/operator-manual/tested-kubernetes-versions.md):
+/// 3.3 and 3.4 → 1.32–1.35; 3.5 → 1.33–1.36. 3.5 dropped 1.32, K3s 1.32's Kubernetes.
+fn check_argocd_compat(s: &Sources, argo: &Version, k3s: &Version) -> Result<(), ProfileError> {
+    let range = match (argo.major, argo.minor) {
+        (3, 3) | (3, 4) => Some((32, 35)),
+        (3, 5) => Some((33, 36)),
+        _ => None,
+    };
+    let Some((lo, hi)) = range else {
+        return Err(s.error(
+            &key_path(&["argocd", "version"]),
+            false,
+            format!("Argo CD {argo} is not a release kiln knows the Kubernetes support of (3.3, 3.4, 3.5)"),
+        ));
+    };
+    if k3s.minor < lo || k3s.minor > hi {
+        return Err(s
+            .error(
+                &key_path(&["argocd", "version"]),
+                false,
+                format!(
+                    "Argo CD {argo} does not support Kubernetes 1.{} (K3s {k3s}); it is tested on 1.{lo}–1.{hi}",
+                    k3s.minor
+                ),
+            )
+            .with_help("with K3s v1.32 use Argo CD v3.4.x (default v3.4.7)"));
+    }
+    Ok(())
+}
+
+fn read_secret(
+    s: &Sources,
+    env: Env,
+    at: &[&str],
+    r: &SecretRef,
+    node_path: &'static str,
+) -> Result<SecretFile, ProfileError> {
+    let mut path = key_path(at);
+    let value = match r {
+        SecretRef::Env(name) => {
+            path.push(Seg::Key("env".into()));
+            match env(name) {
+                Some(v) if !v.trim().is_empty() => v,
+                Some(_) => {
+                    return Err(s.error(
+                        &path,
+                        false,
+                        format!("environment variable {name} is empty"),
+                    ))
+                }
+                None => {
+                    return Err(s.error(
+                        &path,
+                        false,
+                        format!("environment variable {name} is not set"),
+                    ))
+                }
+            }
+        }
+        SecretRef::File(rel) => {
+            path.push(Seg::Key("file".into()));
+            let file = s.file_of(&path).dir().join(rel);
+            match std::fs::read_to_string(&file) {
+                Ok(v) if !v.trim().is_empty() => v,
+                Ok(_) => {
+                    return Err(s.error(
+                        &path,
+                        false,
+                        format!("secret file {} is empty", file.display()),
+                    ))
+                }
+                Err(e) => {
+                    return Err(s.error(
+                        &path,
+                        false,
+                        format!("cannot read secret file {}: {e}", file.display()),
+                    ))
+                }
+            }
+        }
+    };
+    let value = value.trim_end_matches(['\n', '\r']).to_string();
+    if value.contains('\n') {
+        return Err(s.error(&path, false, "a secret is one line"));
+    }
+    Ok(SecretFile {
+        node_path,
+        key: at.join("."),
+        source: r.to_string(),
+        value: Secret::new(value),
+    })
+}
+
+fn placeholder_pin(warnings: &mut Vec<String>, key: &str, pin: &Sha256) {
+    if pin.as_bytes().iter().all(|b| *b == 0) {
+        warnings.push(format!(
+            "{key} is the all-zero placeholder: the node will refuse the download until a real pin is set"
+        ));
+    }
+}
+
+fn check_hostname(s: &Sources, at: &[&str], h: &str) -> Result<(), ProfileError> {
+    let ok = !h.is_empty()
+        && h.len() <= 63
+        && h.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !h.starts_with('-')
+        && !h.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(s.error(
+            &key_path(at),
+            false,
+            format!("invalid hostname {h:?}: an RFC 1123 label (a-z, 0-9, -; at most 63)"),
+        ))
+    }
+}
+
+fn check_label(s: &Sources, at: &[&str], v: &str) -> Result<(), ProfileError> {
+    check_hostname(s, at, v).map_err(|_| {
+        s.error(
+            &key_path(at),
+            false,
+            format!("invalid name {v:?}: an RFC 1123 label (a-z, 0-9, -; at most 63)"),
+        )
+    })
+}
+
+fn check_http(s: &Sources, at: &[&str], u: &Url) -> Result<(), ProfileError> {
+    if matches!(u.scheme(), "http" | "https") && u.host().is_some() {
+        Ok(())
+    } else {
+        Err(s.error(
+            &key_path(at),
+            false,
+            format!("expected an http(s) URL, got {u}"),
+        ))
+    }
+}
+
+fn with_slash(u: &Url) -> Url {
+    let mut u = u.clone();
+    if !u.path().ends_with('/') {
+        let p = format!("{}/", u.path());
+        u.set_path(&p);
+    }
+    u
+}
+
+fn join(base: &Url, rel: &str) -> Url {
+    base.join(rel).expect("relative artifact path joins")
+}

@@ -1,0 +1,167 @@
+//! The NoCloud seed: a FAT12 volume labelled `CIDATA` holding `user-data` and `meta-data`,
+//! written natively with fatfs (no mkfs/mtools). Deterministic: fixed timestamps (the build
+//! epoch), volume id from the contents' hash, size from the contents.
+
+use anyhow::{bail, Context, Result};
+use fatfs::{
+    Date, DateTime, FatType, FileSystem, FormatVolumeOptions, FsOptions, Time, TimeProvider,
+};
+use kiln_plan::Sha256;
+use std::io::{Cursor, Write};
+
+pub const LABEL: [u8; 11] = *b"CIDATA     ";
+/// fatfs' floor for a FAT12 volume ("unfortunate disk size" below it).
+const MIN_SECTORS: u32 = 11;
+const FAT12_MAX_CLUSTERS: u64 = 4000;
+
+#[derive(Debug)]
+struct FixedTime(DateTime);
+
+impl TimeProvider for FixedTime {
+    fn get_current_date(&self) -> Date {
+        self.0.date
+    }
+    fn get_current_date_time(&self) -> DateTime {
+        self.0
+    }
+}
+
+/// FAT timestamps start in 1980 and have 2-second resolution.
+fn fat_time(epoch: u64) -> DateTime {
+    let epoch = epoch.max(315_532_800); // 1980-01-01T00:00:00Z
+    let days = (epoch / 86_400) as i64;
+    let secs = epoch % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u16;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u16;
+    let year = (yoe + era * 400 + i64::from(month <= 2)).min(2107) as u16;
+    DateTime {
+        date: Date { year, month, day },
+        time: Time {
+            hour: (secs / 3600) as u16,
+            min: (secs / 60 % 60) as u16,
+            sec: (secs % 60) as u16 & !1,
+            millis: 0,
+        },
+    }
+}
+
+fn cluster_size(sectors: u32) -> u32 {
+    let mut bpc = 512u32;
+    while u64::from(sectors) * 512 / u64::from(bpc) > FAT12_MAX_CLUSTERS && bpc < 32_768 {
+        bpc *= 2;
+    }
+    bpc
+}
+
+fn try_build(
+    sectors: u32,
+    files: &[(&str, &[u8])],
+    volume_id: u32,
+    time: &'static FixedTime,
+) -> Result<Vec<u8>> {
+    let mut disk = Cursor::new(vec![0u8; sectors as usize * 512]);
+    let opts = FormatVolumeOptions::new()
+        .fat_type(FatType::Fat12)
+        .total_sectors(sectors)
+        .bytes_per_cluster(cluster_size(sectors))
+        .max_root_dir_entries(16)
+        .volume_id(volume_id)
+        .volume_label(LABEL);
+    fatfs::format_volume(&mut disk, opts).context("format")?;
+    disk.set_position(0);
+    {
+        let fs =
+            FileSystem::new(&mut disk, FsOptions::new().time_provider(time)).context("mount")?;
+        {
+            let root = fs.root_dir();
+            for (name, data) in files {
+                let mut f = root
+                    .create_file(name)
+                    .with_context(|| format!("create {name}"))?;
+                f.truncate()?;
+                f.write_all(data).with_context(|| format!("write {name}"))?;
+                f.flush()?;
+            }
+        }
+        fs.unmount().context("unmount")?;
+    }
+    Ok(disk.into_inner())
+}
+
+/// Builds `seed.img`, growing the volume until both files fit.
+pub fn build(user_data: &[u8], meta_data: &[u8], epoch: u64) -> Result<Vec<u8>> {
+    let mut hash_input = user_data.to_vec();
+    hash_input.extend_from_slice(meta_data);
+    let digest = Sha256::digest(&hash_input);
+    let volume_id = u32::from_le_bytes(digest.as_bytes()[..4].try_into().expect("4 bytes"));
+    // One leaked 16-byte value per build: fatfs wants a 'static time provider.
+    let time: &'static FixedTime = Box::leak(Box::new(FixedTime(fat_time(epoch))));
+    let files = [("meta-data", meta_data), ("user-data", user_data)];
+    let data = (user_data.len() + meta_data.len()) as u64;
+    let mut sectors =
+        (MIN_SECTORS as u64).max(data.div_ceil(512) + data.div_ceil(512) / 64 + 12) as u32;
+    let mut last_err = None;
+    for _ in 0..40 {
+        match try_build(sectors, &files, volume_id, time) {
+            Ok(img) => return Ok(img),
+            Err(e) => last_err = Some(e),
+        }
+        sectors = sectors + sectors / 8 + 4;
+        if u64::from(sectors) * 512 > 120 << 20 {
+            break;
+        }
+    }
+    match last_err {
+        Some(e) => {
+            Err(e.context("the payload does not fit a FAT12 CIDATA seed (at most ~120 MiB)"))
+        }
+        None => bail!("seed too large"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fat_time_converts_epochs() {
+        let t = fat_time(1_735_689_600); // 2025-01-01T00:00:00Z
+        assert_eq!((t.date.year, t.date.month, t.date.day), (2025, 1, 1));
+        let t = fat_time(0);
+        assert_eq!((t.date.year, t.date.month, t.date.day), (1980, 1, 1));
+        let t = fat_time(951_825_599); // 2000-02-29T11:59:59Z
+        assert_eq!(
+            (
+                t.date.year,
+                t.date.month,
+                t.date.day,
+                t.time.hour,
+                t.time.sec
+            ),
+            (2000, 2, 29, 11, 58)
+        );
+    }
+
+    #[test]
+    fn seed_is_readable_and_labelled() {
+        let img = build(b"#cloud-config\n", b"instance-id: x\n", 0).unwrap();
+        let fs = FileSystem::new(Cursor::new(img), FsOptions::new()).unwrap();
+        assert_eq!(fs.volume_label(), "CIDATA");
+        assert_eq!(fs.fat_type(), FatType::Fat12);
+        let mut s = String::new();
+        use std::io::Read;
+        fs.root_dir()
+            .open_file("user-data")
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "#cloud-config\n");
+    }
+}
