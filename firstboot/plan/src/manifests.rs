@@ -426,10 +426,10 @@ pub fn gitops_repo_secret(plan: &Plan, password: &crate::Secret) -> Option<Vec<u
         &format!("{}-repo", plan.gitops.app_name),
         Some(&plan.argocd.namespace),
     );
-    metadata.labels.get_or_insert_with(BTreeMap::new).insert(
-        "argocd.argoproj.io/secret-type".into(),
-        "repository".into(),
-    );
+    metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert("argocd.argoproj.io/secret-type".into(), "repository".into());
     let b = |s: &str| ByteString(s.as_bytes().to_vec());
     let secret = K8sSecret {
         metadata,
