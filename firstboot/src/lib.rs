@@ -22,5 +22,12 @@ pub mod time;
 /// Owned jointly: the steps work adds its step structs here, e.g.
 /// `Box::new(k3s::K3sStep)`, one line per step; nothing else in this file is theirs.
 pub fn all_steps() -> Vec<Box<dyn engine::Step>> {
-    vec![]
+    vec![
+        Box::new(k3s::K3sStep),
+        Box::new(tailscale::TailscaleStep),
+        Box::new(tailscale::TailscaleOperatorStep),
+        Box::new(argocd::ArgocdStep),
+        Box::new(argocd::GitopsStep),
+        Box::new(argocd::VerifyStep),
+    ]
 }
