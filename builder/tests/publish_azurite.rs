@@ -24,11 +24,19 @@ fn publish(
     data: &[u8],
     retry: RetrySettings,
 ) -> anyhow::Result<publish::PublishedBundle> {
+    publish_with(account, data, retry, &indicatif::ProgressBar::hidden())
+}
+
+fn publish_with(
+    account: &StorageAccount,
+    data: &[u8],
+    retry: RetrySettings,
+    pb: &indicatif::ProgressBar,
+) -> anyhow::Result<publish::PublishedBundle> {
     // Day-rounded, as `kiln publish --expires 2d` computes it: republishing gives the same URL.
     let expiry = publish::expiry::parse("2d", OffsetDateTime::now_utc())?;
-    let pb = indicatif::ProgressBar::hidden();
     publish::block_on(publish::publish_bundle(
-        account, CONTAINER, data, expiry, retry, &pb,
+        account, CONTAINER, data, expiry, retry, pb,
     ))?
 }
 
@@ -210,7 +218,10 @@ fn endless_503s_fail_with_a_clear_error_after_bounded_retries() {
         msg.contains(&proxy.endpoint()),
         "error names the endpoint: {msg}"
     );
-    assert!(msg.contains("503"), "error names the status: {msg}");
+    assert!(
+        msg.contains("HTTP 503 Service Unavailable (ServerBusy)"),
+        "error names the status: {msg}"
+    );
     assert_eq!(
         proxy.served_503.load(std::sync::atomic::Ordering::SeqCst),
         1 + quick_retry().max_retries as usize
@@ -218,36 +229,79 @@ fn endless_503s_fail_with_a_clear_error_after_bounded_retries() {
 }
 
 #[test]
-fn azurite_stopped_mid_run_is_reported_then_a_rerun_completes() {
-    let Some(bin) = azurite_or_skip("azurite_stopped") else {
+fn azurite_killed_mid_upload_is_reported_then_a_rerun_completes() {
+    let Some(bin) = azurite_or_skip("azurite_killed_mid_upload") else {
         return;
     };
     let mut azurite = Azurite::start(&bin);
     let account = azurite.account();
-    let first = bytes(3_000, 21);
-    publish(&account, &first, quick_retry()).unwrap();
+    let data = bytes(6 * publish::upload::BLOCK_SIZE, 22);
 
-    azurite.stop();
-    let second = bytes(4_000, 22);
+    // SIGKILL Azurite as soon as the first block has been accepted.
+    let pb = indicatif::ProgressBar::hidden();
+    let (watch, pid) = (pb.clone(), azurite.pid());
+    let killer = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        while watch.position() == 0 {
+            if t0.elapsed() > std::time::Duration::from_secs(60) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    });
     let t = std::time::Instant::now();
-    let err = publish(&account, &second, quick_retry()).unwrap_err();
+    let err = publish_with(&account, &data, quick_retry(), &pb).unwrap_err();
+    assert!(killer.join().unwrap(), "azurite was killed after block 1");
     let msg = format!("{err:#}");
     eprintln!("reported: {msg}");
-    assert!(msg.contains(&azurite.endpoint()), "{msg}");
+    assert!(msg.contains(&azurite.endpoint()), "names the blob: {msg}");
     assert!(
-        t.elapsed() < std::time::Duration::from_secs(60),
-        "gave up in bounded time"
+        msg.contains("could not reach the storage endpoint"),
+        "{msg}"
     );
+    assert!(
+        msg.contains("staging block") || msg.contains("committing") || msg.contains("reading back"),
+        "says which step failed: {msg}"
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(60), "bounded");
 
-    // SIGKILL may lose Azurite's unsaved metadata; whatever survived, a rerun converges.
+    // Restarted on the same workspace, a rerun converges to the verified blob.
+    azurite.stop();
     azurite.restart();
-    for data in [&second, &first] {
-        let p = publish(&account, data, quick_retry()).unwrap();
-        assert!(matches!(
-            p.outcome,
-            Outcome::Uploaded | Outcome::AlreadyPresent
-        ));
-        let (code, body) = curl(p.read_url.as_str());
-        assert_eq!((code, Sha256::digest(&body)), (200, Sha256::digest(data)));
-    }
+    let p = publish(&account, &data, quick_retry()).unwrap();
+    assert!(matches!(
+        p.outcome,
+        Outcome::Uploaded | Outcome::AlreadyPresent | Outcome::Replaced
+    ));
+    let (code, body) = curl(p.read_url.as_str());
+    assert_eq!((code, Sha256::digest(&body)), (200, p.sha256));
+}
+
+#[test]
+fn azurite_down_before_the_run_is_reported_with_the_endpoint() {
+    let Some(bin) = azurite_or_skip("azurite_down") else {
+        return;
+    };
+    let mut azurite = Azurite::start(&bin);
+    let account = azurite.account();
+    azurite.stop();
+    let err = publish(&account, &bytes(4_000, 22), quick_retry()).unwrap_err();
+    let msg = format!("{err:#}");
+    eprintln!("reported: {msg}");
+    assert!(
+        msg.contains(&format!(
+            "creating container {}/{CONTAINER}",
+            azurite.endpoint()
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("could not reach the storage endpoint"),
+        "{msg}"
+    );
 }

@@ -44,6 +44,39 @@ pub struct ReadBackMismatch {
     pub actual: Sha256,
 }
 
+/// Turns an SDK error into one a person can act on: the HTTP status and the service's error code,
+/// or "could not reach", and a hint for the usual causes. The caller adds which request and URL.
+pub fn explain(e: azure_core::Error) -> anyhow::Error {
+    use azure_core::error::ErrorKind;
+    let what = match e.kind() {
+        ErrorKind::HttpResponse {
+            status, error_code, ..
+        } => {
+            let code = error_code
+                .as_deref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default();
+            let hint = match u16::from(*status) {
+                403 => "; check the account key and that this machine's clock is right",
+                404 => "; check the account and container names",
+                408 | 429 | 500..=599 => "; still failing after the retry policy gave up",
+                _ => "",
+            };
+            format!(
+                "the storage service answered HTTP {} {}{code}{hint}",
+                u16::from(*status),
+                status.canonical_reason()
+            )
+        }
+        ErrorKind::Connection | ErrorKind::Io => {
+            "could not reach the storage endpoint (still failing after the retry policy gave up)"
+                .to_string()
+        }
+        _ => "the storage request failed".to_string(),
+    };
+    anyhow::Error::new(e).context(what)
+}
+
 /// Creates the container (private: no anonymous access) unless it exists.
 pub async fn ensure_container(container: &BlobContainerClient) -> Result<()> {
     let url = container.url().clone();
@@ -54,9 +87,9 @@ pub async fn ensure_container(container: &BlobContainerClient) -> Result<()> {
                 error_code: Some(code),
                 ..
             } if code == StorageErrorCode::ContainerAlreadyExists.as_ref() => Ok(()),
-            _ => Err(anyhow::Error::new(e).context(format!("creating container {url}"))),
+            _ => Err(explain(e).context(format!("creating container {url}"))),
         },
-        Err(e) => Err(anyhow::Error::new(e).context(format!("creating container {url}"))),
+        Err(e) => Err(explain(e).context(format!("creating container {url}"))),
     }
 }
 
@@ -66,11 +99,13 @@ pub async fn read_back_sha256(blob: &BlobClient) -> Result<Sha256> {
     let res = blob
         .download(None)
         .await
+        .map_err(explain)
         .with_context(|| format!("reading back {url}"))?;
     let body = res
         .body
         .collect()
         .await
+        .map_err(explain)
         .with_context(|| format!("reading back the body of {url}"))?;
     Ok(Sha256::digest(&body))
 }
@@ -91,6 +126,7 @@ pub async fn upload_verified(
     let existed = blob
         .exists()
         .await
+        .map_err(explain)
         .with_context(|| format!("checking whether {url} exists"))?;
     if existed {
         let actual = read_back_sha256(&blob).await?;
@@ -147,6 +183,7 @@ async fn put_blocks(
                 None,
             )
             .await
+            .map_err(explain)
             .with_context(|| format!("staging block {}/{total}", i + 1))?;
         progress.inc(chunk.len() as u64);
         ids.push(id);
@@ -165,6 +202,7 @@ async fn put_blocks(
     block_client
         .commit_block_list(body, Some(options))
         .await
+        .map_err(explain)
         .with_context(|| format!("committing {total} block(s)"))?;
     if data.len() > BLOCK_SIZE {
         progress.finish();

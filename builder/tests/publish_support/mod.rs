@@ -129,6 +129,10 @@ impl Azurite {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("azurite running").id()
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
