@@ -191,6 +191,11 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
     let bundle_url = match &resolved.delivery {
         Delivery::Url { base } => Some(
             base.join(&format!("bundle-{bundle_sha256}.tar.gz"))
+                // A read token on the base (the SAS `kiln publish` signs) applies to the bundle.
+                .map(|mut u| {
+                    u.set_query(base.query());
+                    u
+                })
                 .context("bundle URL")?,
         ),
         Delivery::Inline => None,
