@@ -46,11 +46,23 @@ pub fn build(
     match render::render(&resolved, &inputs) {
         Ok(r) => Ok((resolved, r)),
         Err(e) => match e.downcast::<OverBudget>() {
-            Ok(over) => Err(loaded
+            Ok(over) => {
+                // Point at the profile key behind the largest contributor when there is one
+                // (a secret), else at the delivery setting.
+                let culprit = resolved
+                    .secrets
+                    .iter()
+                    .find(|s| over.largest.contains(s.node_path));
+                let at = match culprit {
+                    Some(s) => s.key.split('.').collect::<Vec<_>>(),
+                    None => vec!["artifacts", "delivery"],
+                };
+                Err(loaded
                 .sources
-                .error(&key_path(&["artifacts", "delivery"]), true, over.to_string())
+                .error(&key_path(&at), true, over.to_string())
                 .with_help("shrink the largest contributors, or deliver more by url (the bundle is never in url-mode custom_data)")
-                .into()),
+                .into())
+            }
             Err(e) => Err(BuildError::Other(e)),
         },
     }

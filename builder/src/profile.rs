@@ -317,8 +317,21 @@ pub fn load(path: &Path) -> Result<Loaded, ProfileError> {
         let msg = e.inner().to_string();
         // serde_yaml appends its own (meaningless after merging) position; ours is exact.
         let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        // For unknown map keys (e.g. a step name in `deadlines`) serde's path stops at the
+        // map; the key itself is named in the message, so point at it when the file has it.
+        let mut path = path;
+        let named = msg.split('`').nth(1).map(str::to_string);
         let unknown = msg.starts_with("unknown field") || msg.starts_with("unknown variant");
-        sources.error(&path, unknown && msg.starts_with("unknown field"), msg)
+        let mut at_key = msg.starts_with("unknown field");
+        if let (true, Some(name)) = (unknown, named) {
+            let mut child = path.clone();
+            child.push(Seg::Key(name));
+            if sources.index.contains_key(&child) {
+                path = child;
+                at_key = true;
+            }
+        }
+        sources.error(&path, at_key, msg)
     })?;
     Ok(Loaded { profile, sources })
 }

@@ -63,7 +63,8 @@ impl Sources {
         let mut p = path.to_vec();
         loop {
             if let Some(loc) = self.index.get(&p) {
-                return match (prefer_key, loc.key) {
+                // A mapping's own start mark is unhelpful; its key is where the reader looks.
+                return match (prefer_key || loc.is_map, loc.key) {
                     (true, Some(k)) => k,
                     _ => loc.value,
                 };
@@ -150,14 +151,8 @@ fn load_file(
     });
     chain.push(canonical(&path));
 
-    let file_index = index_file(&text, file_id).map_err(|(line, col, msg)| {
-        ProfileError::at(
-            &sources.files[file_id],
-            line,
-            col,
-            "",
-            format!("invalid YAML: {msg}"),
-        )
+    let file_index = index_file(&text, file_id).map_err(|(line, col, key, msg)| {
+        ProfileError::at(&sources.files[file_id], line, col, key, msg)
     })?;
     let value: Value = if text.trim().is_empty() {
         Value::Mapping(Mapping::new())
@@ -306,7 +301,9 @@ pub fn merge_value(base: &mut Value, over: Value) {
         (Value::Mapping(b), Value::Mapping(o)) => {
             for (k, v) in o {
                 match b.get_mut(&k) {
-                    Some(existing) if existing.is_mapping() && v.is_mapping() => {
+                    Some(existing)
+                        if existing.is_mapping() && v.is_mapping() && !is_secret_ref(&v) =>
+                    {
                         merge_value(existing, v)
                     }
                     _ => {
@@ -319,10 +316,31 @@ pub fn merge_value(base: &mut Value, over: Value) {
     }
 }
 
+/// `{env: NAME}` / `{file: path}`: replaced as a whole by a later file, never merged (a base's
+/// `file:` plus an override's `env:` would be two sources).
+pub fn is_secret_ref(v: &Value) -> bool {
+    v.as_mapping().is_some_and(|m| {
+        m.len() == 1
+            && m.keys()
+                .all(|k| matches!(k.as_str(), Some("env") | Some("file")))
+    })
+}
+
+fn index_is_secret_ref(index: &BTreeMap<KeyPath, Located>, path: &KeyPath) -> bool {
+    let children: Vec<&KeyPath> = index
+        .range(path.clone()..)
+        .take_while(|(k, _)| k.starts_with(path))
+        .filter(|(k, _)| k.len() == path.len() + 1)
+        .map(|(k, _)| k)
+        .collect();
+    children.len() == 1
+        && matches!(children[0].last(), Some(Seg::Key(k)) if k == "env" || k == "file")
+}
+
 fn merge_index(base: &mut BTreeMap<KeyPath, Located>, over: BTreeMap<KeyPath, Located>) {
     for (path, loc) in &over {
         let base_is_map = base.get(path).is_some_and(|l| l.is_map);
-        if !(loc.is_map && base_is_map) {
+        if !(loc.is_map && base_is_map) || index_is_secret_ref(&over, path) {
             // Replaced wholesale: forget what the base said below this path.
             base.retain(|k, _| !(k.len() > path.len() && k.starts_with(path)));
         }
@@ -345,6 +363,8 @@ struct Indexer {
     file: usize,
     stack: Vec<Frame>,
     index: BTreeMap<KeyPath, Located>,
+    /// First key that appears twice in one mapping.
+    duplicate: Option<(KeyPath, Marker)>,
 }
 
 impl Indexer {
@@ -391,7 +411,9 @@ impl Indexer {
                     value: self.pos(mark),
                     is_map,
                 };
-                self.index.insert(path.clone(), loc);
+                if self.index.insert(path.clone(), loc).is_some() && self.duplicate.is_none() {
+                    self.duplicate = Some((path.clone(), key.unwrap_or(mark)));
+                }
                 Some(path)
             }
         }
@@ -431,24 +453,40 @@ impl MarkedEventReceiver for Indexer {
     }
 }
 
-/// Key path → position for one file; `Err((line, col, message))` on a YAML syntax error.
+/// Key path → position for one file; `Err((line, col, key, message))` on a YAML syntax error
+/// or a duplicate key.
 fn index_file(
     text: &str,
     file: usize,
-) -> Result<BTreeMap<KeyPath, Located>, (usize, usize, String)> {
+) -> Result<BTreeMap<KeyPath, Located>, (usize, usize, String, String)> {
     let mut ix = Indexer {
         file,
         stack: Vec::new(),
         index: BTreeMap::new(),
+        duplicate: None,
     };
     let mut parser = Parser::new_from_str(text);
     parser.load(&mut ix, false).map_err(|e| {
         (
             e.marker().line(),
             e.marker().col() + 1,
-            e.info().to_string(),
+            String::new(),
+            format!("invalid YAML: {}", e.info()),
         )
     })?;
+    if let Some((path, m)) = ix.duplicate {
+        let key = display_path(&path);
+        let last = match path.last() {
+            Some(Seg::Key(k)) => k.clone(),
+            _ => key.clone(),
+        };
+        return Err((
+            m.line(),
+            m.col() + 1,
+            key,
+            format!("duplicate key `{last}` (a key may appear once)"),
+        ));
+    }
     Ok(ix.index)
 }
 

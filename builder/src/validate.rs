@@ -159,10 +159,14 @@ fn contributors(user_data: &str) -> Vec<Contributor> {
         }
     }
     let rest = user_data.len().saturating_sub(accounted);
+    let files_gz: usize = out.iter().map(|c| c.gzip_bytes).sum();
     out.push(Contributor {
         what: "cloud-config keys and YAML structure".into(),
         bytes: rest,
-        gzip_bytes: rest.min(gzip(user_data.as_bytes()).len()),
+        gzip_bytes: gzip(user_data.as_bytes())
+            .len()
+            .saturating_sub(files_gz)
+            .min(rest),
     });
     out.sort_by(|a, b| b.gzip_bytes.cmp(&a.gzip_bytes).then(a.what.cmp(&b.what)));
     out
@@ -189,9 +193,15 @@ pub fn budget(user_data: &str, gz_len: usize, delivery: &Delivery) -> Result<Bud
         contributors: contributors(user_data),
     };
     if url && gz_len > AZURE_LIMIT {
+        let largest = budget
+            .contributors
+            .first()
+            .map(|c| c.what.clone())
+            .unwrap_or_default();
         return Err(OverBudget {
             size: gz_len,
             table: budget.table(),
+            largest,
         });
     }
     Ok(budget)
@@ -203,4 +213,6 @@ pub fn budget(user_data: &str, gz_len: usize, delivery: &Delivery) -> Result<Bud
 pub struct OverBudget {
     pub size: usize,
     pub table: String,
+    /// The largest contributor (`write_files /etc/kiln/secrets/... (secret)`).
+    pub largest: String,
 }
