@@ -17,9 +17,13 @@ pub mod upload;
 pub use account::{RetrySettings, StorageAccount};
 pub use upload::{bundle_blob_name, Outcome};
 
+use crate::pipeline::{self, BuildError};
+use crate::render::{self, Inputs, Rendered};
+use crate::resolve::{self, Delivery, Env};
 use anyhow::{Context as _, Result};
 use azure_core::time::OffsetDateTime;
 use kiln_plan::Sha256;
+use std::path::{Path, PathBuf};
 use url::Url;
 
 /// Where a bundle ended up and how the VM will fetch it.
@@ -74,4 +78,176 @@ pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
         .build()
         .context("starting the async runtime for Azure uploads")?;
     Ok(rt.block_on(f))
+}
+
+/// `kiln publish PROFILE --container NAME [--account NAME]`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The node profile (its delivery is forced to `url`).
+    pub profile: PathBuf,
+    /// Storage account; default $AZURE_STORAGE_ACCOUNT or the connection string's AccountName.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Blob container for bundles; created (private) when missing.
+    #[arg(long)]
+    pub container: String,
+    /// Output directory for user-data, custom_data.gz, build.json, …
+    #[arg(short, long, default_value = "out")]
+    pub out: PathBuf,
+    /// When the bundle's read URL stops working: YYYY-MM-DD, an RFC 3339 time, or <N>d.
+    #[arg(long, default_value = expiry::DEFAULT)]
+    pub expires: String,
+    /// The static kiln-firstboot binary to ship (default: next to kiln, or the static build).
+    #[arg(long)]
+    pub firstboot: Option<PathBuf>,
+}
+
+/// Everything `kiln publish` needs besides the profile path; tests fill it directly.
+pub struct Request<'a> {
+    pub profile: &'a Path,
+    pub daemon: &'a [u8],
+    pub epoch: u64,
+    pub env: Env<'a>,
+    pub account: &'a StorageAccount,
+    pub container: &'a str,
+    pub expiry: OffsetDateTime,
+    pub retry: RetrySettings,
+    pub progress: &'a indicatif::ProgressBar,
+}
+
+#[derive(Debug)]
+pub struct Published {
+    /// The url-mode outputs, with the bundle URL (including its SAS) baked into the bootstrap.
+    pub rendered: Rendered,
+    pub bundle: PublishedBundle,
+    pub warnings: Vec<String>,
+}
+
+/// Build → upload → sign → render the url-mode payload. Writes nothing locally.
+///
+/// The bundle does not depend on the delivery URL (the plan carries no URL), so it is rendered
+/// once to learn its bytes and hash, uploaded, and the payload rendered again with the signed
+/// URL; the two bundles are checked to be identical.
+pub fn publish_profile(req: &Request<'_>) -> Result<Published, BuildError> {
+    let (_, mut resolved) = pipeline::resolve(req.profile, req.env)?;
+    let mut warnings = Vec::new();
+    let container_base = {
+        let mut u = req.account.container_url(req.container)?;
+        u.set_path(&format!("{}/", u.path().trim_end_matches('/')));
+        u
+    };
+    match &resolved.delivery {
+        Delivery::Inline => warnings.push(format!(
+            "{}: delivery is inline; kiln publish renders url delivery",
+            req.profile.display()
+        )),
+        Delivery::Url { base } if *base != container_base => warnings.push(format!(
+            "{}: artifacts.bundle-base-url is {base}, but the bundle is published to {container_base}; the payload uses the latter",
+            req.profile.display()
+        )),
+        Delivery::Url { .. } => {}
+    }
+    let inputs = Inputs {
+        daemon: req.daemon,
+        epoch: req.epoch,
+        profile_name: req.profile.display().to_string(),
+    };
+
+    resolved.delivery = Delivery::Url {
+        base: container_base.clone(),
+    };
+    let unsigned = render::render(&resolved, &inputs)?;
+    let bundle = unsigned.file(render::BUNDLE);
+
+    let published = block_on(publish_bundle(
+        req.account,
+        req.container,
+        bundle,
+        req.expiry,
+        req.retry,
+        req.progress,
+    ))??;
+
+    let mut signed_base = container_base;
+    signed_base.set_query(published.read_url.query());
+    resolved.delivery = Delivery::Url { base: signed_base };
+    let rendered = render::render(&resolved, &inputs)?;
+    if rendered.bundle_sha256 != published.sha256 {
+        return Err(anyhow::anyhow!(
+            "the bundle changed between renders ({} then {}): rendering is not deterministic",
+            published.sha256,
+            rendered.bundle_sha256
+        )
+        .into());
+    }
+    if rendered.bundle_url.as_ref() != Some(&published.read_url) {
+        return Err(anyhow::anyhow!(
+            "the payload's bundle URL is not the published blob {}",
+            published.blob_url
+        )
+        .into());
+    }
+    warnings.extend(rendered.warnings.iter().cloned());
+    Ok(Published {
+        rendered,
+        bundle: published,
+        warnings,
+    })
+}
+
+pub fn run(args: &Args) -> Result<(), BuildError> {
+    let epoch = render::source_date_epoch()?;
+    // Profile errors first: they need neither the daemon nor credentials.
+    pipeline::resolve(&args.profile, &resolve::process_env)?;
+    let expiry = expiry::parse(&args.expires, OffsetDateTime::now_utc())?;
+    let account = StorageAccount::from_env(args.account.as_deref())?;
+    let daemon_path = crate::elf::find_daemon(args.firstboot.as_deref())?;
+    let daemon = crate::elf::load_daemon(&daemon_path)?;
+    let progress = upload::progress_bar("uploading bundle");
+    let p = publish_profile(&Request {
+        profile: &args.profile,
+        daemon: &daemon,
+        epoch,
+        env: &resolve::process_env,
+        account: &account,
+        container: &args.container,
+        expiry,
+        retry: RetrySettings::default(),
+        progress: &progress,
+    })?;
+    pipeline::write_outputs(&args.out, &p.rendered)?;
+    for w in &p.warnings {
+        eprintln!("warning: {w}");
+    }
+    print!("{}", summary(&args.out, &p));
+    Ok(())
+}
+
+/// What was published and written; never prints the SAS token.
+pub fn summary(out: &Path, p: &Published) -> String {
+    let b = &p.bundle;
+    let what = match b.outcome {
+        Outcome::Uploaded => "uploaded and verified",
+        Outcome::AlreadyPresent => "already present with the same sha256; upload skipped",
+        Outcome::Replaced => "replaced a blob with other content, verified",
+    };
+    let mut s = format!(
+        "kiln: published {} ({} bytes, sha256 {})\n  {what}\n  read access: single-blob read-only SAS, expires {}\n",
+        b.blob_url,
+        b.size,
+        b.sha256,
+        sas::sas_time(b.expiry)
+    );
+    s.push_str(&format!("  wrote into {}:\n", out.display()));
+    for (name, data) in &p.rendered.files {
+        s.push_str(&format!(
+            "  {:<16} {:>9} bytes  sha256 {}\n",
+            name,
+            data.len(),
+            Sha256::digest(data)
+        ));
+    }
+    s.push_str(&p.rendered.budget.table());
+    s.push_str("  custom_data.gz holds the bundle URL with its SAS token: treat it like the secrets it carries.\n");
+    s
 }
