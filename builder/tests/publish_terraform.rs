@@ -107,3 +107,25 @@ fn written_directory_holds_the_example_and_tfvars_and_is_terraform_formatted() {
         Err(_) => eprintln!("SKIPPED terraform fmt -check: terraform not installed"),
     }
 }
+
+#[test]
+fn reference_profile_fills_the_tfvars_hostname_admin_and_keys() {
+    let profile =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/ameciclo.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let args = kiln::publish::TerraformArgs {
+        profile,
+        out: dir.path().join("tf"),
+        custom_data: "out/custom_data.gz".into(),
+        managed_identity: false,
+        account: None,
+        container: None,
+    };
+    let vars = kiln::publish::terraform_vars(&args, &kiln::resolve::process_env)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(vars.computer_name, "ameciclo-k3s");
+    assert_eq!(vars.admin_username, "ameciclo");
+    assert_eq!(vars.admin_ssh_public_keys.len(), 1);
+    terraform::write(&args.out, &vars).unwrap();
+    assert!(args.out.join("kiln.auto.tfvars.json").is_file());
+}

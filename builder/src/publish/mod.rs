@@ -251,3 +251,83 @@ pub fn summary(out: &Path, p: &Published) -> String {
     s.push_str("  custom_data.gz holds the bundle URL with its SAS token: treat it like the secrets it carries.\n");
     s
 }
+
+/// `kiln azure …`
+#[derive(clap::Args, Debug)]
+pub struct AzureArgs {
+    #[command(subcommand)]
+    pub command: AzureCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum AzureCommand {
+    /// Write Terraform for this node: examples/terraform + kiln.auto.tfvars.json from the profile.
+    Terraform(TerraformArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TerraformArgs {
+    pub profile: PathBuf,
+    /// Directory for main.tf, variables.tf, outputs.tf and kiln.auto.tfvars.json.
+    #[arg(short, long, default_value = "terraform")]
+    pub out: PathBuf,
+    /// The custom_data.gz `kiln publish` wrote (made absolute when it exists).
+    #[arg(long, default_value = "out/custom_data.gz")]
+    pub custom_data: PathBuf,
+    /// Give the VM a system-assigned identity with read access to the bundle container.
+    #[arg(long)]
+    pub managed_identity: bool,
+    /// Bundle storage account (needed with --managed-identity).
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Bundle container (with --managed-identity).
+    #[arg(long)]
+    pub container: Option<String>,
+}
+
+pub fn run_azure(args: &AzureArgs) -> Result<(), BuildError> {
+    match &args.command {
+        AzureCommand::Terraform(t) => run_terraform(t),
+    }
+}
+
+pub fn terraform_vars(t: &TerraformArgs, env: Env<'_>) -> Result<terraform::Vars, BuildError> {
+    let (_, resolved) = pipeline::resolve(&t.profile, env)?;
+    let c = &resolved.cloud;
+    let custom_data =
+        std::fs::canonicalize(&t.custom_data).unwrap_or_else(|_| t.custom_data.clone());
+    Ok(terraform::Vars {
+        name: c.hostname.clone(),
+        computer_name: c.hostname.clone(),
+        admin_username: c.admin_user.clone(),
+        admin_ssh_public_keys: c.ssh_authorized_keys.clone(),
+        custom_data_path: custom_data.display().to_string(),
+        managed_identity: t.managed_identity,
+        bundle_storage_account: t.account.clone(),
+        bundle_container: t.container.clone(),
+    })
+}
+
+pub fn run_terraform(t: &TerraformArgs) -> Result<(), BuildError> {
+    let vars = terraform_vars(t, &resolve::process_env)?;
+    if !Path::new(&vars.custom_data_path).exists() {
+        eprintln!(
+            "warning: {} does not exist yet; run `kiln publish` before `terraform apply`",
+            vars.custom_data_path
+        );
+    }
+    let written = terraform::write(&t.out, &vars)?;
+    println!(
+        "kiln: wrote Terraform for {} into {}:",
+        vars.computer_name,
+        t.out.display()
+    );
+    for w in written {
+        println!("  {}", w.display());
+    }
+    println!(
+        "  next: cd {} && terraform init && terraform apply",
+        t.out.display()
+    );
+    Ok(())
+}
