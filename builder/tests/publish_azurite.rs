@@ -305,3 +305,31 @@ fn azurite_down_before_the_run_is_reported_with_the_endpoint() {
         "{msg}"
     );
 }
+
+#[test]
+fn the_payload_url_can_name_another_endpoint_and_the_token_still_works_there() {
+    let Some(bin) = azurite_or_skip("download_endpoint") else {
+        return;
+    };
+    let azurite = Azurite::start(&bin);
+    // Another address for the same service (as a QEMU guest's guestfwd address would be).
+    let relay = FaultProxy::start(azurite.port, 0);
+    let account = azurite
+        .account()
+        .with_download_endpoint(url::Url::parse(&relay.endpoint()).unwrap())
+        .unwrap();
+    let data = bytes(9_000, 9);
+    let p = publish(&account, &data, quick_retry()).unwrap();
+    assert!(
+        p.read_url
+            .as_str()
+            .starts_with(&format!("{}/{CONTAINER}/bundle-", relay.endpoint())),
+        "{}",
+        p.read_url
+    );
+    assert!(p.blob_url.as_str().starts_with(&azurite.endpoint()));
+    let before = relay.forwarded.load(std::sync::atomic::Ordering::SeqCst);
+    let (code, body) = curl(p.read_url.as_str());
+    assert_eq!((code, Sha256::digest(&body)), (200, p.sha256));
+    assert!(relay.forwarded.load(std::sync::atomic::Ordering::SeqCst) > before);
+}

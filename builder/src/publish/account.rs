@@ -28,6 +28,10 @@ pub struct StorageAccount {
     key: Secret,
     /// Ends with `/`: container names are joined onto it.
     pub blob_endpoint: Url,
+    /// Where the VM fetches blobs, when that differs from where kiln uploads them (a proxy,
+    /// private-endpoint DNS, or a QEMU guest's forwarded address). A SAS signs the account,
+    /// container and blob names, not the host, so the same token works at either address.
+    pub download_endpoint: Option<Url>,
 }
 
 /// How hard the pipeline retries transient failures (408, 429, 5xx, connection errors).
@@ -72,7 +76,21 @@ impl StorageAccount {
             name: name.to_string(),
             key,
             blob_endpoint: with_trailing_slash(blob_endpoint),
+            download_endpoint: None,
         })
+    }
+
+    /// See [`StorageAccount::download_endpoint`].
+    pub fn with_download_endpoint(mut self, endpoint: Url) -> Result<Self> {
+        match endpoint.scheme() {
+            "https" | "http" => {}
+            s => bail!("download endpoint {endpoint} has unsupported scheme {s:?}"),
+        }
+        if endpoint.query().is_some() || endpoint.fragment().is_some() {
+            bail!("download endpoint {endpoint} must not have a query or fragment");
+        }
+        self.download_endpoint = Some(with_trailing_slash(endpoint));
+        Ok(self)
     }
 
     /// Parses an Azure Storage connection string
@@ -174,14 +192,28 @@ impl StorageAccount {
         Ok(u)
     }
 
-    /// A read-only SAS URL for one blob, valid until `expiry`.
+    /// The container URL as the VM sees it (the download endpoint when set), ending with `/`.
+    pub fn download_container_url(&self, container: &str) -> Result<Url> {
+        validate_container(container)?;
+        let base = self
+            .download_endpoint
+            .as_ref()
+            .unwrap_or(&self.blob_endpoint);
+        base.join(&format!("{container}/"))
+            .with_context(|| format!("container URL for {container:?}"))
+    }
+
+    /// A read-only SAS URL for one blob as the VM fetches it, valid until `expiry`.
     pub fn read_sas_url(
         &self,
         container: &str,
         blob: &str,
         expiry: azure_core::time::OffsetDateTime,
     ) -> Result<Url> {
-        let mut u = self.blob_url(container, blob)?;
+        let mut u = self
+            .download_container_url(container)?
+            .join(blob)
+            .with_context(|| format!("blob URL for {blob:?}"))?;
         let sas = BlobReadSas {
             account: &self.name,
             container,

@@ -100,6 +100,10 @@ pub struct Args {
     /// The static kiln-firstboot binary to ship (default: next to kiln, or the static build).
     #[arg(long)]
     pub firstboot: Option<PathBuf>,
+    /// Blob endpoint the VM downloads from, when it differs from the upload endpoint (a proxy,
+    /// private-endpoint DNS, a QEMU guest's forwarded address), e.g. http://10.0.2.100:10000/devstoreaccount1
+    #[arg(long)]
+    pub download_endpoint: Option<Url>,
 }
 
 /// Everything `kiln publish` needs besides the profile path; tests fill it directly.
@@ -131,11 +135,7 @@ pub struct Published {
 pub fn publish_profile(req: &Request<'_>) -> Result<Published, BuildError> {
     let (_, mut resolved) = pipeline::resolve(req.profile, req.env)?;
     let mut warnings = Vec::new();
-    let container_base = {
-        let mut u = req.account.container_url(req.container)?;
-        u.set_path(&format!("{}/", u.path().trim_end_matches('/')));
-        u
-    };
+    let container_base = req.account.download_container_url(req.container)?;
     match &resolved.delivery {
         Delivery::Inline => warnings.push(format!(
             "{}: delivery is inline; kiln publish renders url delivery",
@@ -200,7 +200,10 @@ pub fn run(args: &Args) -> Result<(), BuildError> {
     // Profile errors first: they need neither the daemon nor credentials.
     pipeline::resolve(&args.profile, &resolve::process_env)?;
     let expiry = expiry::parse(&args.expires, OffsetDateTime::now_utc())?;
-    let account = StorageAccount::from_env(args.account.as_deref())?;
+    let mut account = StorageAccount::from_env(args.account.as_deref())?;
+    if let Some(e) = &args.download_endpoint {
+        account = account.with_download_endpoint(e.clone())?;
+    }
     let daemon_path = crate::elf::find_daemon(args.firstboot.as_deref())?;
     let daemon = crate::elf::load_daemon(&daemon_path)?;
     let progress = upload::progress_bar("uploading bundle");
