@@ -1,1 +1,389 @@
 //! `kiln qemu`: boot a profile's payload in a local VM.
+//!
+//! `run` is interactive (serial console on the terminal until the guest powers off);
+//! `test` is headless with a deadline, follows the daemon's serial milestones, prints a
+//! timeline, saves the serial log and what it read back from the guest disk, and exits 0 only
+//! when every step is done. The VM machinery lives in `kiln_qemu`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kiln_qemu::accel::{self, AccelChoice};
+use kiln_qemu::harness::{render_comparison, BootReport, MirrorLog, Outcome, Session, WaitFor};
+use kiln_qemu::image::{self, BaseImage};
+use kiln_qemu::mirror::Mirror;
+use kiln_qemu::serial::Event;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: QemuCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum QemuCommand {
+    /// Boot a profile's payload with the serial console on the terminal, until the guest powers off.
+    Run(VmArgs),
+    /// Boot headless, follow the daemon's milestones and print the timeline; exit 0 only when every step is done.
+    Test(TestArgs),
+    /// Build (once per machine) and print the path of a base image (`debian-12-test`).
+    Image {
+        #[arg(default_value = image::DEBIAN_12_TEST)]
+        name: String,
+    },
+    /// Print which accelerator kiln would use (KVM only when a guest really runs under it) and why.
+    Accel,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VmArgs {
+    /// Profile to build the seed from.
+    #[arg(required_unless_present = "seed")]
+    pub profile: Option<PathBuf>,
+    /// `debian-12-test` (built and cached) or the path of a cloud image (e.g. Ubuntu 22.04's .img).
+    #[arg(long, default_value = image::DEBIAN_12_TEST)]
+    pub image: String,
+    /// Serve this directory as the artifact mirror the guest sees at http://10.0.2.100/.
+    #[arg(long)]
+    pub mirror: Option<PathBuf>,
+    /// Static kiln-firstboot to bundle (passed to `kiln build`).
+    #[arg(long)]
+    pub firstboot: Option<PathBuf>,
+    /// Boot this NoCloud seed instead of building one from the profile.
+    #[arg(long)]
+    pub seed: Option<PathBuf>,
+    /// Output directory: build outputs, overlay disk, serial logs, report.
+    #[arg(short = 'o', long, default_value = "out/qemu")]
+    pub outdir: PathBuf,
+    #[arg(long, default_value_t = 2048)]
+    pub memory_mib: u32,
+    #[arg(long, default_value_t = 2)]
+    pub smp: u32,
+    /// Grow the throw-away overlay to this size (cloud images ship small disks), e.g. 10G.
+    #[arg(long)]
+    pub disk_size: Option<String>,
+    /// Let the guest reach the internet (upstream artifact URLs with a real cloud image).
+    /// Without it the guest reaches only the mirror.
+    #[arg(long)]
+    pub open_net: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Give up after this many seconds per boot (TCG boots take 70-180 s here).
+    #[arg(long, default_value_t = 900)]
+    pub deadline: u64,
+    /// Boot the same disk this many times; boots after the first must skip every step and
+    /// download nothing.
+    #[arg(long, default_value_t = 1)]
+    pub boots: u32,
+    /// First boot the same image with an empty payload and report the daemon's time over it.
+    #[arg(long)]
+    pub floor: bool,
+}
+
+pub fn run(args: Args) -> ExitCode {
+    let result = match args.command {
+        QemuCommand::Run(a) => cmd_run(a),
+        QemuCommand::Test(a) => cmd_test(a),
+        QemuCommand::Image { name } => cmd_image(&name),
+        QemuCommand::Accel => cmd_accel(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln qemu: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_image(name: &str) -> Result<ExitCode> {
+    if name != image::DEBIAN_12_TEST {
+        bail!(
+            "unknown image {name:?}: kiln builds only {}",
+            image::DEBIAN_12_TEST
+        );
+    }
+    let img = image::ensure_test_image(&image::cache_root())?;
+    println!("{}", img.disk.parent().unwrap_or(Path::new("/")).display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn qemu_bin() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+
+fn choose_accel(img: &BaseImage, workdir: &Path) -> Result<AccelChoice> {
+    let choice = accel::choose(&qemu_bin(), workdir, img.probe_kernel().as_deref())?;
+    eprintln!(
+        "kiln qemu: accelerator {} ({})",
+        choice.accel, choice.reason
+    );
+    Ok(choice)
+}
+
+fn cmd_accel() -> Result<ExitCode> {
+    let dir = tempfile::tempdir()?;
+    let test_image = image::load_test_image(&image::test_image_dir(&image::cache_root())).ok();
+    let kernel = test_image.as_ref().and_then(BaseImage::probe_kernel);
+    let choice = accel::choose(&qemu_bin(), dir.path(), kernel.as_deref())?;
+    println!("{} ({})", choice.accel, choice.reason);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the seed with this same binary's `kiln build` (inline delivery comes from the profile).
+fn build_seed(vm: &VmArgs) -> Result<PathBuf> {
+    if let Some(seed) = &vm.seed {
+        return Ok(seed.clone());
+    }
+    let profile = vm
+        .profile
+        .as_ref()
+        .context("a profile or --seed is required")?;
+    let build_dir = vm.outdir.join("build");
+    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("build").arg(profile).arg("-o").arg(&build_dir);
+    if let Some(fb) = &vm.firstboot {
+        cmd.arg("--firstboot").arg(fb);
+    }
+    let status = cmd.status().context("running kiln build")?;
+    if !status.success() {
+        bail!("kiln build {} failed ({status})", profile.display());
+    }
+    let seed = build_dir.join("seed.img");
+    if !seed.is_file() {
+        bail!("kiln build wrote no {}", seed.display());
+    }
+    Ok(seed)
+}
+
+fn start_mirror(vm: &VmArgs) -> Result<Option<Mirror>> {
+    match &vm.mirror {
+        None => Ok(None),
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--mirror {}: not a directory", dir.display());
+            }
+            let m = Mirror::start(dir)
+                .with_context(|| format!("starting the mirror for {}", dir.display()))?;
+            eprintln!(
+                "kiln qemu: mirror {} on 127.0.0.1:{} (guest: http://10.0.2.100/)",
+                dir.display(),
+                m.port()
+            );
+            Ok(Some(m))
+        }
+    }
+}
+
+fn session(
+    vm: &VmArgs,
+    img: BaseImage,
+    choice: AccelChoice,
+    outdir: &Path,
+    seed: Option<PathBuf>,
+) -> Result<Session> {
+    let mut s = Session::new(img, choice, outdir, seed, vm.disk_size.as_deref())?;
+    s.memory_mib = vm.memory_mib;
+    s.smp = vm.smp;
+    s.open_net = vm.open_net;
+    Ok(s)
+}
+
+fn cmd_run(vm: VmArgs) -> Result<ExitCode> {
+    let seed = build_seed(&vm)?;
+    let img = image::resolve(&vm.image)?;
+    std::fs::create_dir_all(&vm.outdir)?;
+    let choice = choose_accel(&img, &vm.outdir)?;
+    let mirror = start_mirror(&vm)?;
+    let mut s = session(&vm, img, choice, &vm.outdir, Some(seed))?;
+    s.echo = true;
+    eprintln!(
+        "kiln qemu: booting; serial log {}/boot-1/serial.log, QMP {}/boot-1/qmp.sock (power off from the guest or with QMP system_powerdown)",
+        vm.outdir.display(),
+        vm.outdir.display()
+    );
+    let report = s.boot(
+        WaitFor::PowerOff,
+        Duration::from_secs(24 * 3600),
+        mirror.as_ref().map(|m| m as &dyn MirrorLog),
+    )?;
+    println!("{}", render_comparison(&report, None));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn floor_seed(dir: &Path) -> Result<Option<PathBuf>> {
+    // An empty cloud-config on the same kind of NoCloud volume: cloud-init does its usual work
+    // and nothing else. Without cloud-localds the floor boots seedless (DataSourceNone).
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("user-data"), "#cloud-config\n{}\n")?;
+    std::fs::write(
+        dir.join("meta-data"),
+        "instance-id: kiln-floor\nlocal-hostname: kiln-floor\n",
+    )?;
+    let seed = dir.join("seed.img");
+    match Command::new("cloud-localds")
+        .arg(&seed)
+        .arg(dir.join("user-data"))
+        .arg(dir.join("meta-data"))
+        .status()
+    {
+        Ok(s) if s.success() => Ok(Some(seed)),
+        _ => Ok(None),
+    }
+}
+
+fn cmd_test(args: TestArgs) -> Result<ExitCode> {
+    let vm = &args.vm;
+    let seed = build_seed(vm)?;
+    let img = image::resolve(&vm.image)?;
+    std::fs::create_dir_all(&vm.outdir)?;
+    let choice = choose_accel(&img, &vm.outdir)?;
+    let mirror = start_mirror(vm)?;
+    let mirror_log = mirror.as_ref().map(|m| m as &dyn MirrorLog);
+    let deadline = Duration::from_secs(args.deadline);
+
+    let floor = if args.floor {
+        let floor_dir = vm.outdir.join("floor");
+        let seed = floor_seed(&floor_dir.join("seed"))?;
+        let mut s = session(vm, img.clone(), choice.clone(), &floor_dir, seed)?;
+        eprintln!("kiln qemu: floor boot (same image, empty payload)");
+        let r = s.boot(WaitFor::CloudInitFinished, deadline, None)?;
+        println!("{}", r.timeline.render("floor timeline (empty payload)"));
+        if r.outcome != Outcome::CloudInitFinished {
+            bail!("the floor boot did not finish cloud-init: {:?}", r.outcome);
+        }
+        Some(r)
+    } else {
+        None
+    };
+
+    let mut s = session(vm, img, choice.clone(), &vm.outdir, Some(seed))?;
+    let mut reports: Vec<BootReport> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    for n in 1..=args.boots.max(1) {
+        eprintln!(
+            "kiln qemu: boot {n} of {} ({} deadline {}s)",
+            args.boots.max(1),
+            choice.accel,
+            args.deadline
+        );
+        let r = s.boot(WaitFor::DaemonDone, deadline, mirror_log)?;
+        println!("{}", render_comparison(&r, floor.as_ref()));
+        failures.extend(verdict(&r, n).into_iter().map(|f| format!("boot {n}: {f}")));
+        let stop = !matches!(r.outcome, Outcome::AllDone);
+        reports.push(r);
+        if stop {
+            break;
+        }
+    }
+
+    let summary = serde_json::json!({
+        "accel": choice,
+        "ok": failures.is_empty(),
+        "failures": failures,
+        "floor": floor,
+        "boots": reports,
+    });
+    let report_path = vm.outdir.join("report.json");
+    std::fs::write(&report_path, serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    if let Some(m) = &mirror {
+        let log: Vec<String> = MirrorLog::requests(m);
+        std::fs::write(vm.outdir.join("mirror-requests.log"), log.join("\n") + "\n")?;
+    }
+    println!(
+        "kiln qemu: report {} (serial logs and guest files under {}/boot-N/)",
+        report_path.display(),
+        vm.outdir.display()
+    );
+    if failures.is_empty() {
+        println!("kiln qemu: PASS: every step done");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for f in &failures {
+            println!("kiln qemu: FAIL: {f}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Why a boot does not count as success (empty: it does).
+fn verdict(r: &BootReport, boot: u32) -> Vec<String> {
+    let mut f = Vec::new();
+    match &r.outcome {
+        Outcome::AllDone => {}
+        Outcome::StepFailed { step, error } => {
+            f.push(format!("the daemon's step {step} failed: {error}"))
+        }
+        Outcome::Deadline { seconds } => {
+            let last = r
+                .timeline
+                .events
+                .last()
+                .map(|e| e.event.label())
+                .unwrap_or_else(|| "nothing on the console".into());
+            f.push(format!(
+                "deadline of {seconds}s passed; last milestone: {last}"
+            ))
+        }
+        Outcome::Fatal { text } => f.push(format!("the guest died: {text}")),
+        Outcome::QemuExited { status, stderr } => f.push(format!(
+            "QEMU exited ({status}) before the daemon finished: {}",
+            stderr.trim()
+        )),
+        Outcome::CloudInitFinished => {
+            f.push("cloud-init finished but the daemon never reported".into())
+        }
+    }
+    for (step, error) in r.timeline.failures() {
+        if !matches!(&r.outcome, Outcome::StepFailed { step: s, .. } if *s == step) {
+            f.push(format!("the daemon reported step {step} failed: {error}"));
+        }
+    }
+    if let Some(g) = &r.guest {
+        if !g.cloud_init_done {
+            f.push("cloud-init did not finish (per /var/lib/cloud/data/status.json)".into());
+        }
+        if !g.cloud_init_errors.is_empty() {
+            f.push(format!(
+                "cloud-init errors: {}",
+                g.cloud_init_errors.join("; ")
+            ));
+        }
+    }
+    if boot > 1 && matches!(r.outcome, Outcome::AllDone) {
+        let not_skipped: Vec<String> = r
+            .timeline
+            .step_outcomes()
+            .into_iter()
+            .filter(|(_, o)| *o != "skipped")
+            .map(|(s, o)| format!("{s} {o}"))
+            .collect();
+        if !not_skipped.is_empty() {
+            f.push(format!(
+                "a reboot must skip every step, but: {}",
+                not_skipped.join(", ")
+            ));
+        }
+        if r.timeline
+            .first(|e| matches!(e, Event::StepSkipped { .. }))
+            .is_none()
+        {
+            f.push("a reboot reported no skipped steps".into());
+        }
+        if !r.mirror_requests.is_empty() {
+            f.push(format!(
+                "a reboot downloaded again: {}",
+                r.mirror_requests.join(", ")
+            ));
+        }
+    }
+    f
+}
