@@ -34,6 +34,8 @@ pub enum Event {
     StepFailed { step: String, error: String },
     /// `kiln: all steps done`.
     AllDone,
+    /// `kiln: refusing to run: ...` (bad plan, tampered bundle) or `kiln: daemon error: ...`.
+    DaemonFailed { error: String },
     /// `kiln: status {json}`: the daemon's final status, if it prints one.
     Status { json: serde_json::Value },
     /// Any other `kiln: ...` line (kept: it is the daemon talking).
@@ -64,6 +66,7 @@ impl Event {
             Event::StepSkipped { step } => format!("step {step} skipped"),
             Event::StepFailed { step, error } => format!("step {step} FAILED: {error}"),
             Event::AllDone => "daemon: all steps done".into(),
+            Event::DaemonFailed { error } => format!("daemon FAILED: {error}"),
             Event::Status { .. } => "daemon status".into(),
             Event::Daemon { text } => format!("daemon: {text}"),
             Event::LoginPrompt => "login prompt".into(),
@@ -136,6 +139,11 @@ pub fn parse_line(raw: &str) -> Option<Event> {
 fn parse_daemon(rest: &str) -> Event {
     if rest == "all steps done" || rest.starts_with("all steps done") {
         return Event::AllDone;
+    }
+    for prefix in ["refusing to run:", "daemon error:"] {
+        if rest.starts_with(prefix) {
+            return Event::DaemonFailed { error: rest.to_string() };
+        }
     }
     if let Some(json) = rest.strip_prefix("status ") {
         if let Ok(json) = serde_json::from_str(json) {
@@ -321,7 +329,16 @@ mod tests {
                 step: "argocd".into()
             })
         );
-        assert_eq!(parse_line("kiln: all steps done"), Some(Event::AllDone));
+        assert_eq!(parse_line("kiln: all steps done in 31.0s"), Some(Event::AllDone));
+        assert_eq!(
+            parse_line("kiln: step k3s attempt 1 failed, retrying in 2.0s: HTTP 503"),
+            Some(Event::Daemon { text: "step k3s attempt 1 failed, retrying in 2.0s: HTTP 503".into() })
+        );
+        assert_eq!(
+            parse_line("kiln: step argocd skipped (already in place, verified) in 0.3s"),
+            Some(Event::StepSkipped { step: "argocd".into() })
+        );
+        assert!(matches!(parse_line("kiln: refusing to run: bundle sha256 mismatch"), Some(Event::DaemonFailed { .. })));
         assert!(matches!(
             parse_line("kiln: status {\"steps\":[]}"),
             Some(Event::Status { .. })
