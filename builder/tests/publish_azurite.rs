@@ -16,6 +16,7 @@ fn quick_retry() -> RetrySettings {
         max_retries: 4,
         initial_delay: std::time::Duration::from_millis(50),
         max_total: std::time::Duration::from_secs(20),
+        try_timeout: std::time::Duration::from_secs(10),
     }
 }
 
@@ -332,4 +333,29 @@ fn the_payload_url_can_name_another_endpoint_and_the_token_still_works_there() {
     let (code, body) = curl(p.read_url.as_str());
     assert_eq!((code, Sha256::digest(&body)), (200, p.sha256));
     assert!(relay.forwarded.load(std::sync::atomic::Ordering::SeqCst) > before);
+}
+
+#[test]
+fn a_server_that_never_answers_times_out_per_try_and_is_reported() {
+    // No Azurite needed: the hung front end is a local socket.
+    let hang = HangServer::start();
+    let account =
+        StorageAccount::from_connection_string(&connection_string_for(&hang.endpoint())).unwrap();
+    let retry = RetrySettings {
+        try_timeout: std::time::Duration::from_millis(700),
+        max_retries: 2,
+        ..quick_retry()
+    };
+    let t = std::time::Instant::now();
+    let err = publish(&account, &bytes(100, 1), retry).unwrap_err();
+    let msg = format!("{err:#}");
+    eprintln!("reported: {msg}");
+    assert!(msg.contains("no response within 0.7 s"), "{msg}");
+    assert!(msg.contains(&hang.endpoint()), "{msg}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(hang.accepted(), 3, "one try plus two retries");
 }

@@ -6,7 +6,7 @@
 //! except as an HMAC input: `Secret`'s `Debug` is redacted, and no error message includes it.
 
 use super::sas::{BlobReadSas, Protocols};
-use super::shared_key::SharedKeyPolicy;
+use super::shared_key::{SharedKeyPolicy, TryTimeout};
 use anyhow::{bail, Context as _, Result};
 use azure_core::credentials::Secret;
 use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Url};
@@ -40,6 +40,9 @@ pub struct RetrySettings {
     pub max_retries: u32,
     pub initial_delay: Duration,
     pub max_total: Duration,
+    /// Deadline for one try (request sent, response headers back). A hung connection counts as
+    /// a transient failure and is retried like a refused one.
+    pub try_timeout: Duration,
 }
 
 impl Default for RetrySettings {
@@ -48,6 +51,7 @@ impl Default for RetrySettings {
             max_retries: 6,
             initial_delay: Duration::from_millis(500),
             max_total: Duration::from_secs(120),
+            try_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -237,10 +241,10 @@ impl StorageAccount {
     ) -> Result<BlobContainerClient> {
         let url = self.container_url(container)?;
         let client_options = ClientOptions {
-            per_try_policies: vec![Arc::new(SharedKeyPolicy::new(
-                self.name.clone(),
-                self.key.clone(),
-            ))],
+            per_try_policies: vec![
+                Arc::new(TryTimeout(retry.try_timeout)),
+                Arc::new(SharedKeyPolicy::new(self.name.clone(), self.key.clone())),
+            ],
             retry: RetryOptions::exponential(ExponentialRetryOptions {
                 initial_delay: to_time(retry.initial_delay),
                 max_retries: retry.max_retries,

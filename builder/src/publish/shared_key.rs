@@ -154,6 +154,30 @@ impl Policy for SharedKeyPolicy {
     }
 }
 
+/// Fails a try that gets no response in time with an I/O error, which the SDK's retry policy
+/// treats like a refused connection. Without it a server that accepts and never answers would
+/// hang `kiln publish` for ever (the default transport has no timeout).
+#[derive(Debug)]
+pub struct TryTimeout(pub std::time::Duration);
+
+#[async_trait]
+impl Policy for TryTimeout {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        match tokio::time::timeout(self.0, next[0].send(ctx, request, &next[1..])).await {
+            Ok(result) => result,
+            Err(_) => Err(azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Io,
+                format!("no response within {} s", self.0.as_secs_f64()),
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,7 +69,7 @@ pub fn explain(e: azure_core::Error) -> anyhow::Error {
             )
         }
         ErrorKind::Connection | ErrorKind::Io => {
-            "could not reach the storage endpoint (still failing after the retry policy gave up)"
+            "could not reach the storage endpoint, or it did not answer (still failing after the retry policy gave up)"
                 .to_string()
         }
         _ => "the storage request failed".to_string(),

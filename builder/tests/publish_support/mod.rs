@@ -249,6 +249,37 @@ fn pipe(client: TcpStream, upstream_port: u16) {
     let _ = t.join();
 }
 
+/// Accepts connections, reads nothing back, never answers: a hung storage front end.
+pub struct HangServer {
+    pub port: u16,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl HangServer {
+    pub fn start() -> HangServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming().flatten() {
+                a.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+        HangServer { port, accepted }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{ACCOUNT}", self.port)
+    }
+}
+
 /// `curl` as the bootstrap runs it; returns (HTTP status, body).
 pub fn curl(url: &str) -> (u16, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
