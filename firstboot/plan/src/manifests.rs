@@ -162,7 +162,7 @@ pub struct HelmChartSpec {
     pub version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repo: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "repoCA", skip_serializing_if = "Option::is_none")]
     pub repo_ca: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub values_content: Option<String>,
