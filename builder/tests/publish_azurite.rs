@@ -359,3 +359,29 @@ fn a_server_that_never_answers_times_out_per_try_and_is_reported() {
     );
     assert_eq!(hang.accepted(), 3, "one try plus two retries");
 }
+
+#[test]
+fn a_wrong_account_key_is_reported_as_403_with_a_hint_and_not_retried() {
+    let Some(bin) = azurite_or_skip("wrong_key") else {
+        return;
+    };
+    let azurite = Azurite::start(&bin);
+    let wrong_key = azure_core::base64::encode([42u8; 64]);
+    let account = StorageAccount::new(
+        ACCOUNT,
+        azure_core::credentials::Secret::new(wrong_key.clone()),
+        url::Url::parse(&azurite.endpoint()).unwrap(),
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let err = publish(&account, &bytes(100, 2), quick_retry()).unwrap_err();
+    let msg = format!("{err:#}");
+    eprintln!("reported: {msg}");
+    assert!(msg.contains("HTTP 403 Forbidden"), "{msg}");
+    assert!(msg.contains("check the account key"), "{msg}");
+    assert!(!msg.contains(&wrong_key), "the key is never printed: {msg}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "403 is not retried"
+    );
+}
