@@ -52,6 +52,8 @@ impl GuestDisk {
             bail!("partitioned guest disks are not supported by the reader yet");
         }
         let out = Command::new("debugfs")
+            // -c: read-only, bitmaps not loaded, so a disk whose guest died uncleanly reads too.
+            .arg("-c")
             .arg("-R")
             .arg(request)
             .arg(&self.raw)
@@ -82,6 +84,8 @@ impl GuestDisk {
             Some(_) => {}
         }
         let out = Command::new("debugfs")
+            // -c: read-only, bitmaps not loaded, so a disk whose guest died uncleanly reads too.
+            .arg("-c")
             .arg("-R")
             .arg(format!("cat \"{path}\""))
             .arg(&self.raw)
