@@ -13,6 +13,7 @@ pub mod sas;
 pub mod shared_key;
 pub mod terraform;
 pub mod upload;
+pub mod vhd;
 
 pub use account::{RetrySettings, StorageAccount};
 pub use upload::{bundle_blob_name, Outcome};
@@ -71,6 +72,40 @@ pub async fn publish_bundle(
     })
 }
 
+/// A baked image uploaded as a page blob.
+#[derive(Debug, Clone)]
+pub struct PublishedImage {
+    pub sha256: Sha256,
+    pub size: u64,
+    pub blob_name: String,
+    /// For `az image create --source` / `azurerm_image` (same subscription: no token needed).
+    pub blob_url: Url,
+    pub outcome: Outcome,
+}
+
+/// Uploads a fixed VHD content-addressed into `container` as a page blob and verifies it.
+pub async fn publish_vhd(
+    account: &StorageAccount,
+    container: &str,
+    path: &Path,
+    retry: RetrySettings,
+    progress: &indicatif::ProgressBar,
+) -> Result<PublishedImage> {
+    let size = vhd::check_fixed_vhd(path)?;
+    let sha256 = vhd::hash_file(path)?;
+    let blob_name = vhd::blob_name(path, &sha256);
+    let client = account.container_client(container, retry)?;
+    upload::ensure_container(&client).await?;
+    let outcome = vhd::upload_verified(&client, &blob_name, path, &sha256, progress).await?;
+    Ok(PublishedImage {
+        sha256,
+        size,
+        blob_url: account.blob_url(container, &blob_name)?,
+        blob_name,
+        outcome,
+    })
+}
+
 /// Runs an async publish step on a small current-thread runtime (the CLI is otherwise sync).
 pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -104,6 +139,9 @@ pub struct Args {
     /// private-endpoint DNS, a QEMU guest's forwarded address), e.g. http://10.0.2.100:10000/devstoreaccount1
     #[arg(long)]
     pub download_endpoint: Option<Url>,
+    /// Also upload this fixed VHD (e.g. from `kiln bake`) as a page blob, for `az image create`.
+    #[arg(long)]
+    pub vhd: Option<PathBuf>,
 }
 
 /// Everything `kiln publish` needs besides the profile path; tests fill it directly.
@@ -218,11 +256,33 @@ pub fn run(args: &Args) -> Result<(), BuildError> {
         retry: RetrySettings::default(),
         progress: &progress,
     })?;
+    let image = match &args.vhd {
+        Some(path) => Some(block_on(publish_vhd(
+            &account,
+            &args.container,
+            path,
+            RetrySettings::default(),
+            &upload::progress_bar("uploading VHD"),
+        ))??),
+        None => None,
+    };
     pipeline::write_outputs(&args.out, &p.rendered)?;
     for w in &p.warnings {
         eprintln!("warning: {w}");
     }
     print!("{}", summary(&args.out, &p));
+    if let Some(i) = image {
+        println!(
+            "kiln: VHD {} ({} bytes, sha256 {}): {}",
+            i.blob_url,
+            i.size,
+            i.sha256,
+            match i.outcome {
+                Outcome::AlreadyPresent => "already present, upload skipped",
+                _ => "uploaded and verified",
+            }
+        );
+    }
     Ok(())
 }
 

@@ -93,21 +93,55 @@ pub async fn ensure_container(container: &BlobContainerClient) -> Result<()> {
     }
 }
 
-/// Downloads the blob and returns the sha256 of what the service serves.
+/// Ranged reads of this size keep memory flat for multi-GiB page blobs (VHDs).
+pub const READ_CHUNK: u64 = 8 * 1024 * 1024;
+
+/// Downloads the blob in ranges and returns the sha256 of what the service serves. The ranges
+/// are pinned to the ETag of the first look, so a blob replaced mid-read is an error, not a mix.
 pub async fn read_back_sha256(blob: &BlobClient) -> Result<Sha256> {
+    use azure_storage_blob::models::{
+        BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders, HttpRange,
+    };
+    use sha2::Digest;
     let url = redacted(blob.url());
-    let res = blob
-        .download(None)
+    let props = blob
+        .get_properties(None)
         .await
         .map_err(explain)
-        .with_context(|| format!("reading back {url}"))?;
-    let body = res
-        .body
-        .collect()
-        .await
-        .map_err(explain)
-        .with_context(|| format!("reading back the body of {url}"))?;
-    Ok(Sha256::digest(&body))
+        .with_context(|| format!("reading the properties of {url}"))?;
+    let len = props
+        .content_length()
+        .map_err(explain)?
+        .with_context(|| format!("{url} has no Content-Length"))?;
+    let etag = props.etag().map_err(explain)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut off = 0u64;
+    while off < len {
+        let n = READ_CHUNK.min(len - off);
+        let options = BlobClientDownloadOptions {
+            range: Some(HttpRange::new(off, n)),
+            if_match: etag.clone(),
+            ..Default::default()
+        };
+        let body = blob
+            .download(Some(options))
+            .await
+            .map_err(explain)
+            .with_context(|| format!("reading back {url} at {off}+{n}"))?
+            .body
+            .collect()
+            .await
+            .map_err(explain)
+            .with_context(|| format!("reading back the body of {url} at {off}+{n}"))?;
+        anyhow::ensure!(
+            body.len() as u64 == n,
+            "reading back {url} at {off}: got {} bytes, expected {n}",
+            body.len()
+        );
+        hasher.update(&body);
+        off += n;
+    }
+    Ok(Sha256::from_bytes(hasher.finalize().into()))
 }
 
 /// Uploads `data` as block blob `name` unless a blob of that name already holds exactly these
