@@ -44,13 +44,48 @@ fn default_timezone() -> String {
     "Etc/UTC".into()
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[derive(Debug, Clone, Default)]
 pub enum RoleSpec {
     #[default]
     Server,
     /// Designed for: joins an existing server.
     Agent(AgentSpec),
+}
+
+/// `role: server` or `role: {agent: {server-url: ..., token: ...}}`.
+impl<'de> Deserialize<'de> for RoleSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RoleSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`server` or `{agent: {server-url: URL, token: SECRET}}`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RoleSpec, E> {
+                match v {
+                    "server" => Ok(RoleSpec::Server),
+                    "agent" => Err(E::custom(
+                        "an agent needs its server: `{agent: {server-url: URL, token: SECRET}}`",
+                    )),
+                    other => Err(E::unknown_variant(other, &["server", "agent"])),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RoleSpec, A::Error> {
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom("empty role"));
+                };
+                let role = match key.as_str() {
+                    "agent" => RoleSpec::Agent(map.next_value()?),
+                    other => return Err(de::Error::unknown_variant(other, &["agent"])),
+                };
+                if map.next_key::<String>()?.is_some() {
+                    return Err(de::Error::custom("a role has exactly one kind"));
+                }
+                Ok(role)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
