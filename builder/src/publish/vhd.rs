@@ -47,7 +47,7 @@ pub fn check_fixed_vhd(path: &Path) -> Result<u64> {
         .metadata()
         .with_context(|| format!("reading {}", path.display()))?
         .len();
-    if size < PAGE || size % PAGE != 0 {
+    if size < PAGE || !size.is_multiple_of(PAGE) {
         bail!(
             "{}: {size} bytes is not a whole number of 512-byte pages; Azure needs a fixed VHD",
             path.display()
@@ -71,7 +71,7 @@ pub fn check_fixed_vhd(path: &Path) -> Result<u64> {
             path.display()
         );
     }
-    if (size - PAGE) % MIB != 0 {
+    if !(size - PAGE).is_multiple_of(MIB) {
         bail!(
             "{}: virtual size {} is not a whole number of MiB, which Azure requires",
             path.display(),
