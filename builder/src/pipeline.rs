@@ -1,5 +1,9 @@
 //! profile → resolve → render → outputs, with errors that keep their profile position.
 
+// ProfileError carries the source text for its snippet; it is built once per failed run, so
+// its size on the (cold) error path does not matter.
+#![allow(clippy::result_large_err)]
+
 use crate::diag::ProfileError;
 use crate::profile::{self, Loaded};
 use crate::render::{self, Inputs, Rendered};

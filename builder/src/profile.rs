@@ -2,6 +2,10 @@
 //! kebab-case keys), typed values parsed during deserialization, secrets only by reference.
 //! See `docs/profile.md` for the reference.
 
+// ProfileError carries the source text for its snippet; it is built once per failed run, so
+// its size on the (cold) error path does not matter.
+#![allow(clippy::result_large_err)]
+
 use crate::diag::ProfileError;
 use crate::source::{self, Seg, Sources};
 use kiln_plan::{Sha256, StepId, Version};

@@ -128,7 +128,9 @@ pub fn bundle(
         .iter()
         .map(|(name, data, _)| format!("{}  {name}\n", Sha256::digest(data)))
         .collect();
-    let mut entries: Vec<(String, Option<(&[u8], u32)>)> = files
+    // (path, Some((content, mode))) for files, None for the directory entry.
+    type Entry<'a> = (String, Option<(&'a [u8], u32)>);
+    let mut entries: Vec<Entry> = files
         .iter()
         .map(|(n, d, m)| (n.clone(), Some((*d, *m))))
         .collect();

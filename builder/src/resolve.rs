@@ -1,6 +1,10 @@
 //! Profile → [`Plan`]: defaults, pins, artifact URLs, secrets, and the checks that need more
 //! than one key (compatibility, K3s config keys). Errors point at the key that caused them.
 
+// ProfileError carries the source text for its snippet; it is built once per failed run, so
+// its size on the (cold) error path does not matter.
+#![allow(clippy::result_large_err)]
+
 use crate::diag::ProfileError;
 use crate::profile::{
     self, DeliverySpec, Loaded, RoleSpec, SecretRef, ARGOCD_V3_4_7_INSTALL_SHA256,

@@ -5,6 +5,10 @@
 //! event parser; the merged index follows the same merge rules as the values, so an error found
 //! after merging (or while resolving) still points at the exact line in the right file.
 
+// ProfileError carries the source text for its snippet; it is built once per failed run, so
+// its size on the (cold) error path does not matter.
+#![allow(clippy::result_large_err)]
+
 use crate::diag::{Pos, ProfileError, SourceFile};
 use serde_yaml::{Mapping, Value};
 use std::collections::BTreeMap;
