@@ -178,6 +178,20 @@ pub fn reconcile_config(cx: &mut Cx) -> Result<bool> {
     Ok(true)
 }
 
+/// Is the unit running or on its way (`active`, `activating`, `reloading`)? After a reboot the
+/// daemon may look while K3s or tailscaled is still starting; that is not a reason to re-apply
+/// (verify waits for readiness).
+pub fn running(unit: &str) -> Result<bool> {
+    let out = Cmd::new("systemctl")
+        .args(["is-active", unit])
+        .timeout(Duration::from_secs(60))
+        .output()?;
+    Ok(matches!(
+        out.stdout.trim(),
+        "active" | "activating" | "reloading"
+    ))
+}
+
 /// `sha256sum-amd64.txt` → the hash on the line for `k3s` (install.sh: `grep " k3s$"`).
 pub fn checksum_for_k3s(sums: &str) -> Result<Sha256> {
     let line = sums
@@ -307,7 +321,7 @@ impl Step for K3sStep {
             && file_is(cx.root, paths::K3S_ENV, env_text().as_bytes(), 0o600)
             && links_ok(cx.root)
             && systemd::is_enabled(UNIT)?
-            && systemd::is_active(UNIT)?)
+            && running(UNIT)?)
     }
 
     fn apply(&self, cx: &mut Cx) -> Result<()> {

@@ -193,15 +193,15 @@ fn auth_key_present(cx: &Cx) -> bool {
 }
 
 /// The `tailscale up` command line (the key is passed as `file:PATH`, never as a value).
-pub fn up_args(plan: &kiln_plan::Plan, key_file: &str) -> Vec<String> {
+pub fn up_args(plan: &kiln_plan::Plan, key_file: Option<&str>) -> Vec<String> {
     let ts = &plan.tailscale;
-    let mut a = vec![
-        "up".to_string(),
-        "--auth-key".into(),
-        format!("file:{key_file}"),
-        "--hostname".into(),
-        ts.hostname.clone(),
-    ];
+    let mut a = vec!["up".to_string()];
+    if let Some(k) = key_file {
+        a.push("--auth-key".into());
+        a.push(format!("file:{k}"));
+    }
+    a.push("--hostname".into());
+    a.push(ts.hostname.clone());
     if !ts.tags.is_empty() {
         a.push("--advertise-tags".into());
         a.push(ts.tags.join(","));
@@ -229,12 +229,18 @@ impl Step for TailscaleStep {
     }
 
     fn check(&self, cx: &mut Cx) -> Result<bool> {
-        if !installed_current(cx)? || !systemd::is_enabled(UNIT)? || !systemd::is_active(UNIT)? {
+        if !installed_current(cx)? || !systemd::is_enabled(UNIT)? || !k3s::running(UNIT)? {
             return Ok(false);
         }
-        let st = match status(cx.root) {
-            Ok(st) => st,
-            Err(_) => return Ok(false),
+        // After a reboot tailscaled may still be starting: give it a moment to settle (a
+        // bounded one: apply handles whatever state it ends up in).
+        let until = std::time::Instant::now() + Duration::from_secs(15);
+        let st = loop {
+            match status(cx.root) {
+                Ok(st) if !matches!(st.backend_state.as_str(), "NoState" | "Starting") => break st,
+                _ if std::time::Instant::now() >= until => return Ok(false),
+                _ => std::thread::sleep(Duration::from_millis(300)),
+            }
         };
         if st.backend_state != "Running" || auth_key_present(cx) || !facts_match(cx, &st) {
             return Ok(false);
@@ -255,27 +261,45 @@ impl Step for TailscaleStep {
         } else if changed {
             systemd::restart(UNIT)?;
         }
+        // Right after a (re)start tailscaled reports NoState/Starting for a moment; only a
+        // settled state says whether the node must log in.
         let root = cx.root.clone();
-        let st = cx.wait_for("tailscaled to answer", Duration::from_millis(300), || {
-            status(&root).map(Some)
+        let st = cx.wait_for("tailscaled to settle", Duration::from_millis(300), || {
+            let st = status(&root)?;
+            Ok((!matches!(st.backend_state.as_str(), "NoState" | "Starting")).then_some(st))
         })?;
-        if st.backend_state != "Running" {
-            let Some(key) = cx.plan.tailscale.auth_key_file.clone() else {
-                bail!(
-                    "Tailscale is {} and the plan has no auth key to log in with",
-                    st.backend_state
-                );
-            };
-            if !cx.root.path(&key).exists() {
-                bail!(
-                    "Tailscale is {} and the auth key file {key} is gone (it is removed once the node has joined; a node that lost its state needs a new key)",
-                    st.backend_state
-                );
+        match st.backend_state.as_str() {
+            "Running" => {}
+            "NeedsMachineAuth" => {
+                return Err(Transient(
+                    "Tailscale: the device waits for approval in the admin console (use a pre-approved auth key to avoid this)".into(),
+                )
+                .into())
             }
-            tailscale(cx.root)
-                .args(up_args(cx.plan, &key))
-                .deadline(cx.deadline)
-                .run()?;
+            state => {
+                // NeedsLogin needs the key; Stopped (someone ran `tailscale down`) comes back
+                // up with the same flags, with the key if it is still there.
+                let key = cx
+                    .plan
+                    .tailscale
+                    .auth_key_file
+                    .clone()
+                    .filter(|k| cx.root.path(k).exists());
+                if key.is_none() && state != "Stopped" {
+                    match &cx.plan.tailscale.auth_key_file {
+                        None => bail!(
+                            "Tailscale is {state} and the plan has no auth key to log in with"
+                        ),
+                        Some(k) => bail!(
+                            "Tailscale is {state} and the auth key file {k} is gone (it is removed once the node has joined; a node that lost its Tailscale state needs a new key)"
+                        ),
+                    }
+                }
+                tailscale(cx.root)
+                    .args(up_args(cx.plan, key.as_deref()))
+                    .deadline(cx.deadline)
+                    .run()?;
+            }
         }
         let st = wait_running(cx)?;
         record_facts(cx, &st);
@@ -352,6 +376,36 @@ impl Step for TailscaleOperatorStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn up_passes_the_key_as_a_file_reference_and_tags_comma_joined() {
+        // The test plan the integration tests use (written by steps_upstream).
+        let plan: kiln_plan::Plan =
+            serde_json::from_str(include_str!("../../tests/golden/manifests/plan.json")).unwrap();
+        let a = up_args(&plan, Some("/etc/kiln/secrets/tailscale-auth-key"));
+        assert_eq!(
+            a,
+            [
+                "up",
+                "--auth-key",
+                "file:/etc/kiln/secrets/tailscale-auth-key",
+                "--hostname",
+                "ameciclo",
+                "--advertise-tags",
+                "tag:k8s"
+            ]
+        );
+        assert_eq!(
+            up_args(&plan, None),
+            [
+                "up",
+                "--hostname",
+                "ameciclo",
+                "--advertise-tags",
+                "tag:k8s"
+            ]
+        );
+    }
 
     #[test]
     fn status_json_gives_state_ips_and_dns_name_without_dot() {

@@ -45,6 +45,7 @@ fn bundled_manifests_match_their_golden_files_and_have_rfc1123_names() {
         assert!(manifests::is_rfc1123_label(manifests::addon_name(&f.file)));
         golden(&f.file, &f.bytes);
     }
+    golden("plan.json", &plan.to_json());
     // Deterministic: rendering twice gives the same bytes.
     assert_eq!(files, manifests::bundled(&plan));
 }

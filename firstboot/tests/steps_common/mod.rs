@@ -8,8 +8,10 @@ use kiln_plan::{
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 pub fn repo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -155,4 +157,185 @@ pub fn golden(name: &str, actual: &[u8]) {
         String::from_utf8_lossy(&want),
         String::from_utf8_lossy(actual)
     );
+}
+
+pub struct TestNode {
+    pub _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub bin: PathBuf,
+}
+
+impl TestNode {
+    pub fn systemctl(&self, args: &[&str]) -> Output {
+        Command::new(standins_dir().join("systemctl"))
+            .args(args)
+            .env("KILN_STANDIN_ROOT", &self.root)
+            .output()
+            .unwrap()
+    }
+
+    pub fn run_daemon(&self) -> Output {
+        let path = format!(
+            "{}:{}",
+            self.bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new(env!("CARGO_BIN_EXE_kiln-firstboot"))
+            .args(["run", "--root"])
+            .arg(&self.root)
+            .env("PATH", path)
+            .env("KILN_STANDIN_ROOT", &self.root)
+            .env_remove("NOTIFY_SOCKET")
+            .output()
+            .unwrap()
+    }
+
+    pub fn log(&self) -> Vec<Value> {
+        fs::read_to_string(self.root.join("var/log/kiln-standins.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn p(&self, node_path: &str) -> PathBuf {
+        self.root.join(node_path.trim_start_matches('/'))
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // The stand-in servers run detached; stop them so no test leaves processes behind.
+        let _ = self.systemctl(&["stop", "k3s.service", "tailscaled.service"]);
+    }
+}
+
+pub fn argv_of(log: &[Value], prog: &str) -> Vec<Vec<String>> {
+    log.iter()
+        .filter(|e| e["prog"] == prog)
+        .map(|e| {
+            e["argv"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+pub fn write_secret(root: &Path, node_path: &str, value: &str) {
+    let p = root.join(node_path.trim_start_matches('/'));
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(&p, format!("{value}\n")).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+pub fn status(root: &Path) -> Value {
+    serde_json::from_slice(&fs::read(root.join("run/kiln/status.json")).unwrap()).unwrap()
+}
+
+pub fn step_states(st: &Value) -> Vec<(String, String)> {
+    let steps = &st["steps"];
+    let list: Vec<Value> = match steps {
+        Value::Array(a) => a.clone(),
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                v["id"] = Value::String(k.clone());
+                v
+            })
+            .collect(),
+        _ => panic!("status has no steps: {st}"),
+    };
+    list.iter()
+        .map(|s| {
+            let id = s
+                .get("id")
+                .or_else(|| s.get("step"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("?")
+                .to_string();
+            (id, s["state"].as_str().unwrap_or("?").to_string())
+        })
+        .collect()
+}
+
+/// A test node: stand-in mirror on 127.0.0.1, a root with what cloud-init and the bootstrap
+/// leave behind (plan, 0600 secrets, unpacked bundle manifests), `systemctl` stand-in on PATH.
+/// `tweak` may change the plan (and the mirror dir, given as the second argument) first.
+pub fn setup(
+    tweak: impl FnOnce(&mut Plan, &Path),
+) -> (TestNode, kiln_qemu::mirror::Mirror, Value, Plan) {
+    let tmp = tempfile::Builder::new()
+        .prefix("kst")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mirror_dir = tmp.path().join("mirror");
+    let pins = make_mirror(&mirror_dir);
+    let mirror = kiln_qemu::mirror::Mirror::start(&mirror_dir).unwrap();
+    let mut plan = plan(&mirror.url(), &pins);
+    tweak(&mut plan, &mirror_dir);
+    let root = tmp.path().join("root");
+    let bin = tmp.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(standins_dir().join("systemctl"), bin.join("systemctl")).unwrap();
+    let node = TestNode {
+        root: root.clone(),
+        bin,
+        _tmp: tmp,
+    };
+    fs::create_dir_all(node.p("/etc/kiln")).unwrap();
+    fs::write(node.p("/etc/kiln/plan.json"), plan.to_json()).unwrap();
+    write_secret(&root, AUTH_KEY_FILE, AUTH_KEY);
+    write_secret(&root, OAUTH_FILE, OAUTH_SECRET);
+    write_secret(&root, REPO_FILE, REPO_PASSWORD);
+    for m in manifests::bundled(&plan) {
+        let p = node.p(&format!("/var/lib/kiln/bundle/manifests/{}", m.file));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, &m.bytes).unwrap();
+    }
+    (node, mirror, pins, plan)
+}
+
+/// Everything under the root that is node state kiln manages (not logs, runtime state of the
+/// stand-ins, the journal or status): path → (mtime ns, size, mode, content hash).
+pub fn snapshot(root: &Path) -> BTreeMap<String, (i64, u64, u32, String)> {
+    fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, (i64, u64, u32, String)>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let volatile = rel.starts_with("run/")
+                || rel.starts_with("var/log/")
+                || rel.starts_with("var/lib/tailscale/")
+                || rel.starts_with("var/lib/rancher/k3s/server/standin")
+                || rel == "var/lib/kiln/journal.json"
+                || rel.starts_with("var/lib/kiln/journal")
+                || rel == "var/lib/kiln/.lock";
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                walk(&p, root, out);
+            } else if !volatile {
+                let hash = if m.file_type().is_symlink() {
+                    fs::read_link(&p).unwrap().to_string_lossy().into_owned()
+                } else {
+                    kiln_plan::Sha256::digest(&fs::read(&p).unwrap()).to_hex()
+                };
+                out.insert(
+                    rel,
+                    (
+                        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+                        m.size(),
+                        m.mode(),
+                        hash,
+                    ),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
 }
