@@ -12,7 +12,7 @@ use serde::Serialize;
 pub struct GuestDisk {
     raw: PathBuf,
     /// Byte offset of the ext4 root inside the disk (0 for the test image, which has no
-    /// partition table).
+    /// partition table; the root partition's start for cloud images).
     offset: u64,
 }
 
@@ -26,7 +26,8 @@ pub struct GuestStat {
 }
 
 impl GuestDisk {
-    /// Flattens `overlay` (with its backing chain) into `raw`. The VM must be stopped.
+    /// Flattens `overlay` (with its backing chain) into `raw` and finds the root filesystem in
+    /// it (bare ext4, or the ext4 partition of a GPT cloud image). The VM must be stopped.
     pub fn from_overlay(overlay: &Path, raw: &Path) -> Result<Self> {
         let out = Command::new("qemu-img")
             .args(["convert", "-O", "raw"])
@@ -41,22 +42,38 @@ impl GuestDisk {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
+        let offset = root_offset(raw)?;
+        // The copy is ours to change: replay the ext4 journal (and repair) so a guest that died
+        // uncleanly (deadline, hard reset) reads as it would after its own next boot.
+        let fsck = Command::new("e2fsck")
+            .args(["-f", "-y"])
+            .arg(with_offset(raw, offset))
+            .output()
+            .context("running e2fsck")?;
+        if fsck.status.code().unwrap_or(8) >= 4 {
+            bail!(
+                "e2fsck {} could not repair the guest filesystem: {}",
+                raw.display(),
+                String::from_utf8_lossy(&fsck.stdout).trim()
+            );
+        }
         Ok(GuestDisk {
             raw: raw.to_path_buf(),
-            offset: 0,
+            offset,
         })
     }
 
+    fn device(&self) -> String {
+        with_offset(&self.raw, self.offset)
+    }
+
     fn debugfs(&self, request: &str) -> Result<(String, String)> {
-        if self.offset != 0 {
-            bail!("partitioned guest disks are not supported by the reader yet");
-        }
         let out = Command::new("debugfs")
             // -c: read-only, bitmaps not loaded, so a disk whose guest died uncleanly reads too.
             .arg("-c")
             .arg("-R")
             .arg(request)
-            .arg(&self.raw)
+            .arg(self.device())
             .output()
             .context("running debugfs (e2fsprogs)")?;
         Ok((
@@ -88,7 +105,7 @@ impl GuestDisk {
             .arg("-c")
             .arg("-R")
             .arg(format!("cat \"{path}\""))
-            .arg(&self.raw)
+            .arg(self.device())
             .output()
             .context("running debugfs cat")?;
         Ok(Some(out.stdout))
@@ -116,6 +133,69 @@ impl Drop for GuestDisk {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.raw);
     }
+}
+
+/// e2fsprogs opens `file?offset=N` as the filesystem starting N bytes into the file.
+fn with_offset(raw: &Path, offset: u64) -> String {
+    if offset == 0 {
+        raw.display().to_string()
+    } else {
+        format!("{}?offset={offset}", raw.display())
+    }
+}
+
+const EXT4_MAGIC_AT: u64 = 1024 + 56;
+
+/// Where the root ext4 filesystem starts: 0 for a bare filesystem (the test image), else the
+/// largest GPT partition holding ext4 (Ubuntu cloud images: partition 1).
+pub fn root_offset(raw: &Path) -> Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(raw).with_context(|| format!("opening {}", raw.display()))?;
+    let mut read_at = |pos: u64, buf: &mut [u8]| -> Result<()> {
+        f.seek(SeekFrom::Start(pos))?;
+        f.read_exact(buf)
+            .with_context(|| format!("reading {} at {pos}", raw.display()))
+    };
+    let is_ext4 = |read_at: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>, base: u64| -> bool {
+        let mut m = [0u8; 2];
+        read_at(base + EXT4_MAGIC_AT, &mut m).is_ok() && m == [0x53, 0xEF]
+    };
+    if is_ext4(&mut read_at, 0) {
+        return Ok(0);
+    }
+    let mut hdr = [0u8; 92];
+    read_at(512, &mut hdr)?;
+    if &hdr[..8] != b"EFI PART" {
+        bail!(
+            "{}: neither an ext4 filesystem nor a GPT disk",
+            raw.display()
+        );
+    }
+    let le64 = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap());
+    let le32 = |b: &[u8]| u32::from_le_bytes(b[..4].try_into().unwrap());
+    let (entries_lba, count, size) = (
+        le64(&hdr[72..]),
+        le32(&hdr[80..]).min(256),
+        le32(&hdr[84..]) as u64,
+    );
+    let mut best: Option<(u64, u64)> = None; // (sectors, first byte)
+    for i in 0..count as u64 {
+        let mut e = vec![0u8; size.max(48) as usize];
+        read_at(entries_lba * 512 + i * size, &mut e)?;
+        if e[..16].iter().all(|&b| b == 0) {
+            continue;
+        }
+        let (first, last) = (le64(&e[32..]), le64(&e[40..]));
+        let start = first * 512;
+        if last >= first
+            && is_ext4(&mut read_at, start)
+            && best.is_none_or(|(n, _)| last - first > n)
+        {
+            best = Some((last - first, start));
+        }
+    }
+    best.map(|(_, start)| start)
+        .with_context(|| format!("{}: no ext4 partition in its GPT", raw.display()))
 }
 
 fn parse_stat(out: &str) -> Result<GuestStat> {
@@ -189,5 +269,45 @@ mod tests {
         );
         assert_eq!(disk.stat("/nope").unwrap(), None);
         assert_eq!(disk.read("/nope").unwrap(), None);
+        drop(disk);
+
+        // The same filesystem as partition 1 of a GPT disk (the cloud-image layout).
+        let fs_bytes = {
+            let st = Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-d"])
+                .arg(&tree)
+                .arg(dir.path().join("p.raw"))
+                .arg("8M")
+                .status()
+                .unwrap();
+            assert!(st.success());
+            std::fs::read(dir.path().join("p.raw")).unwrap()
+        };
+        let mut gpt = vec![0u8; 1 << 20];
+        gpt[512..520].copy_from_slice(b"EFI PART");
+        gpt[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        gpt[512 + 80..512 + 84].copy_from_slice(&128u32.to_le_bytes());
+        gpt[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        let entry = 1024;
+        gpt[entry..entry + 16].copy_from_slice(&[0xAF; 16]);
+        gpt[entry + 32..entry + 40].copy_from_slice(&2048u64.to_le_bytes());
+        gpt[entry + 40..entry + 48]
+            .copy_from_slice(&(2048 + fs_bytes.len() as u64 / 512 - 1).to_le_bytes());
+        gpt.extend_from_slice(&fs_bytes);
+        let disk_path = dir.path().join("gpt.raw");
+        std::fs::write(&disk_path, &gpt).unwrap();
+        assert_eq!(root_offset(&disk_path).unwrap(), 1 << 20);
+        let disk = GuestDisk {
+            raw: disk_path,
+            offset: 1 << 20,
+        };
+        assert_eq!(
+            disk.read("/etc/kiln/plan.json").unwrap().unwrap(),
+            b"{\"a\":1}"
+        );
+        assert_eq!(
+            disk.list("/etc/kiln").unwrap().unwrap(),
+            vec!["plan.json", "secrets"]
+        );
     }
 }
