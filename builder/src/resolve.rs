@@ -645,7 +645,10 @@ fn read_secret(
         SecretRef::File(rel) => {
             path.push(Seg::Key("file".into()));
             let file = s.file_of(&path).dir().join(rel);
-            match std::fs::read_to_string(&file) {
+            match crate::source::read_limited(&file, 1 << 20).and_then(|b| {
+                String::from_utf8(b)
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
+            }) {
                 Ok(v) if !v.trim().is_empty() => v,
                 Ok(_) => {
                     return Err(s.error(

@@ -105,10 +105,30 @@ impl Sources {
     }
 }
 
+/// Profiles are small; refusing big files early keeps hostile input (YAML bombs, huge
+/// strings) from costing memory and time.
+pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
+
+/// Reads at most `limit` bytes; a larger file is an error saying so.
+pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut data)?;
+    if data.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("file is larger than {limit} bytes"),
+        ));
+    }
+    Ok(data)
+}
+
 /// Loads `path` and everything it extends; returns the merged document (without `extends`).
 pub fn load(path: &Path) -> Result<(Value, Sources), ProfileError> {
     let mut sources = Sources::default();
-    let text = std::fs::read(path).map_err(|e| {
+    let text = read_limited(path, MAX_PROFILE_BYTES).map_err(|e| {
         let f = SourceFile {
             path: path.to_path_buf(),
             text: String::new(),
@@ -168,11 +188,18 @@ fn load_file(
                 .unwrap_or((1, 1));
             let msg = e.to_string();
             let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            // The key whose value contains the error: the last node starting before it.
+            let key = file_index
+                .iter()
+                .filter(|(_, l)| (l.value.line, l.value.col) <= (line, col))
+                .max_by_key(|(_, l)| (l.value.line, l.value.col))
+                .map(|(k, _)| display_path(k))
+                .unwrap_or_default();
             ProfileError::at(
                 &sources.files[file_id],
                 line,
                 col,
-                "",
+                key,
                 format!("invalid YAML: {msg}"),
             )
         })?
@@ -255,7 +282,7 @@ fn load_file(
                     format!("extends cycle: {}", names.join(" → ")),
                 ));
             }
-            let bytes = std::fs::read(&base_path).map_err(|e| {
+            let bytes = read_limited(&base_path, MAX_PROFILE_BYTES).map_err(|e| {
                 ProfileError::at(
                     here,
                     pos.line,
@@ -470,14 +497,25 @@ fn index_file(
         duplicate: None,
     };
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut ix, false).map_err(|e| {
-        (
-            e.marker().line(),
-            e.marker().col() + 1,
-            String::new(),
-            format!("invalid YAML: {}", e.info()),
-        )
-    })?;
+    if let Err(e) = parser.load(&mut ix, false) {
+        let (line, col) = (e.marker().line(), e.marker().col() + 1);
+        // The innermost key read before the error (indices after the first one dropped, so a
+        // deeply nested value is still named readably).
+        let key = ix
+            .index
+            .iter()
+            .filter(|(_, l)| (l.value.line, l.value.col) <= (line, col))
+            .max_by_key(|(_, l)| (l.value.line, l.value.col))
+            .map(|(k, _)| {
+                let cut = k
+                    .iter()
+                    .position(|s| matches!(s, Seg::Index(_)))
+                    .map_or(k.len(), |i| i + 1);
+                display_path(&k[..cut])
+            })
+            .unwrap_or_default();
+        return Err((line, col, key, format!("invalid YAML: {}", e.info())));
+    }
     if let Some((path, m)) = ix.duplicate {
         let key = display_path(&path);
         let last = match path.last() {
