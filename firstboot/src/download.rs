@@ -90,8 +90,9 @@ pub(crate) fn reqwest_is_transient(e: &reqwest::Error) -> bool {
         return s == 408 || s == 429 || (500..600).contains(&s);
     }
     // Builder and redirect-policy errors are bugs or bad URLs; everything on the wire
-    // (connect, timeout, body cut short, DNS) may be a passing network condition.
-    !(e.is_builder() || e.is_redirect() || e.is_decode())
+    // (connect, timeout, body cut short, DNS) may be a passing network condition. (A body
+    // read that times out surfaces as a "decode" error; no content decoding is enabled.)
+    !(e.is_builder() || e.is_redirect())
 }
 
 /// A URL for messages: no userinfo, no query (which may hold a SAS token), no fragment.
@@ -210,6 +211,9 @@ impl Fetcher {
         if let Some(c) = self.client.get() {
             return Ok(c);
         }
+        // reqwest is built without a default crypto provider (ring keeps the static binary
+        // small); the process-wide one must exist before any client. Err = already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let c = reqwest::blocking::Client::builder()
             .connect_timeout(self.policy.connect_timeout)
             // In the blocking client this bounds each wait: for the response head and for every
@@ -359,7 +363,8 @@ impl Fetcher {
             .send()
             .map_err(|source| DownloadError::Transport {
                 url: shown.clone(),
-                source,
+                // reqwest's messages quote the full URL, query string included.
+                source: source.without_url(),
             })?;
         let status = resp.status().as_u16();
         if status != 200 {
@@ -450,11 +455,12 @@ impl Fetcher {
             }
             let resp = req.send().map_err(|source| DownloadError::Transport {
                 url: shown.clone(),
-                source,
+                source: source.without_url(),
             })?;
             let status = resp.status().as_u16();
             let mut file = OpenOptions::new()
                 .create(true)
+                .read(true)
                 .write(true)
                 .truncate(false)
                 .open(&partial)
@@ -599,7 +605,7 @@ fn io_to_download(url: &str, e: io::Error) -> DownloadError {
         Some(inner) => match inner.downcast::<reqwest::Error>() {
             Ok(source) => DownloadError::Transport {
                 url: url.to_string(),
-                source: *source,
+                source: source.without_url(),
             },
             Err(other) => DownloadError::Read {
                 url: url.to_string(),
