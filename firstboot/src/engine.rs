@@ -232,6 +232,7 @@ pub fn run(
         if let Err(e) = status.write(root) {
             tracing::warn!("writing status: {e:#}");
         }
+        say_status(ms, status);
         Ok(Outcome::Refused { error })
     };
 
@@ -350,7 +351,10 @@ pub fn run(
         sync(&mut status, &journal, &facts);
         journal.save(root)?;
         status.write(root)?;
-        tracing::info!(step = %id, forced, "step started");
+        ms.say(format_args!(
+            "step {id} started{}",
+            if forced { " (forced)" } else { "" }
+        ));
 
         let before = facts.clone();
         let mut backoff = opts.backoff.clone();
@@ -436,6 +440,7 @@ pub fn run(
                 journal.save(root)?;
                 status.write(root)?;
                 ms.say(format_args!("step {id} failed: {msg}"));
+                say_status(&mut ms, &status);
                 crate::systemd::notify_status(&format!("step {id} failed"));
                 return Ok(Outcome::Failed {
                     step: id,
@@ -454,7 +459,16 @@ pub fn run(
         "all steps done in {}",
         secs(run_start.elapsed())
     ));
+    say_status(&mut ms, &status);
+    crate::systemd::notify_status("all steps done");
     Ok(Outcome::Done)
+}
+
+/// The final status as one line, so a serial console log carries it (`kiln qemu` reads it).
+fn say_status(ms: &mut Milestones, status: &Status) {
+    if let Ok(json) = serde_json::to_string(status) {
+        ms.say(format_args!("status {json}"));
+    }
 }
 
 fn sync(status: &mut Status, journal: &Journal, facts: &Facts) {
