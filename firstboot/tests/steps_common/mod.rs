@@ -310,7 +310,6 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, (i64, u64, u32, String)> {
             let volatile = rel.starts_with("run/")
                 || rel.starts_with("var/log/")
                 || rel.starts_with("var/lib/tailscale/")
-                || rel.starts_with("var/lib/rancher/k3s/server/standin")
                 || rel == "var/lib/kiln/journal.json"
                 || rel.starts_with("var/lib/kiln/journal")
                 || rel == "var/lib/kiln/.lock";
