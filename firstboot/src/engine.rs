@@ -456,8 +456,9 @@ pub fn run(
     sync(&mut status, &journal, &facts);
     status.write(root)?;
     ms.say(format_args!(
-        "all steps done in {}",
-        secs(run_start.elapsed())
+        "all steps done in {} ({})",
+        secs(run_start.elapsed()),
+        crate::status::Resources::of_self()
     ));
     say_status(&mut ms, &status);
     crate::systemd::notify_status("all steps done");

@@ -52,6 +52,43 @@ pub struct Status {
     pub last_error: Option<String>,
     pub steps: Vec<StepRecord>,
     pub facts: Facts,
+    /// The daemon's own use so far (its threads, not the programs it runs).
+    #[serde(default)]
+    pub resources: Option<Resources>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Resources {
+    /// User + system CPU time.
+    pub cpu_ms: u64,
+    /// Peak resident set size.
+    pub max_rss_kib: u64,
+}
+
+impl Resources {
+    /// getrusage(RUSAGE_SELF): this process only, all threads, no children.
+    pub fn of_self() -> Resources {
+        // SAFETY: getrusage fills a plain struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+        Resources {
+            cpu_ms: ms(ru.ru_utime) + ms(ru.ru_stime),
+            max_rss_kib: ru.ru_maxrss as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "daemon cpu {:.2}s, peak rss {:.1} MiB",
+            self.cpu_ms as f64 / 1000.0,
+            self.max_rss_kib as f64 / 1024.0
+        )
+    }
 }
 
 impl Status {
@@ -70,6 +107,7 @@ impl Status {
             last_error: None,
             steps: Vec::new(),
             facts: Facts::new(),
+            resources: None,
         }
     }
 
@@ -79,6 +117,7 @@ impl Status {
 
     pub fn write(&mut self, root: &Root) -> Result<()> {
         self.updated_at = crate::time::now();
+        self.resources = Some(Resources::of_self());
         let mut bytes = serde_json::to_vec_pretty(self).context("serializing status")?;
         bytes.push(b'\n');
         write_atomic(&Status::path(root), &bytes, 0o644)
@@ -148,6 +187,9 @@ impl Status {
         }
         if let Some(e) = &self.last_error {
             let _ = writeln!(o, "last error: {e}");
+        }
+        if let Some(r) = &self.resources {
+            let _ = writeln!(o, "resources: {r}");
         }
         o
     }
