@@ -171,3 +171,45 @@ fn standins_reject_what_the_real_programs_reject() {
     let (rc, msg) = run(&ts, &["status", "--json"]);
     assert!(rc == 0 && msg.contains("NeedsLogin"), "{msg}");
 }
+
+#[test]
+fn stopped_services_come_back_without_needing_the_deleted_auth_key() {
+    // Like a reboot where nothing started K3s and tailscaled yet: the key file is gone (it is
+    // removed once the node has joined), so the node must come back from its Tailscale state.
+    let (node, _mirror, _pins, _plan) = setup(|_, _| {});
+    let out = node.run_daemon();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!node.p(AUTH_KEY_FILE).exists());
+    let o = node.systemctl(&["stop", "k3s.service", "tailscaled.service"]);
+    assert!(o.status.success());
+    let ups_before = argv_of(&node.log(), "tailscale")
+        .iter()
+        .filter(|a| a[0] == "up")
+        .count();
+    let out = node.run_daemon();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let states = step_states(&status(&node.root));
+    assert_eq!(states[0].1, "done", "k3s had to be started: {states:?}");
+    assert_eq!(
+        states[1].1, "done",
+        "tailscaled had to be started: {states:?}"
+    );
+    assert!(states[2..].iter().all(|s| s.1 == "skipped"), "{states:?}");
+    let ups_after = argv_of(&node.log(), "tailscale")
+        .iter()
+        .filter(|a| a[0] == "up")
+        .count();
+    assert_eq!(
+        ups_after, ups_before,
+        "a logged-in node must not run `tailscale up` again"
+    );
+}
