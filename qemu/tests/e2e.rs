@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The `kiln` binary: $KILN_BIN, or built now with the cargo running this test.
@@ -23,28 +26,51 @@ fn kiln_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo).current_dir(repo()).args(["build", "-q", "-p", "kiln", "--bin", "kiln"]).status().unwrap();
+    let st = Command::new(cargo)
+        .current_dir(repo())
+        .args(["build", "-q", "-p", "kiln", "--bin", "kiln"])
+        .status()
+        .unwrap();
     assert!(st.success(), "cargo build -p kiln failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
-    let target = if target.is_absolute() { target } else { repo().join(target) };
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        repo().join(target)
+    };
     target.join("debug/kiln")
 }
 
 fn run_kiln_qemu_test(kiln: &Path, args: &[&str]) -> (Output, String) {
-    let out = Command::new(kiln).current_dir(repo()).arg("qemu").arg("test").args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(kiln)
+        .current_dir(repo())
+        .arg("qemu")
+        .arg("test")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!("---- kiln qemu test {} ----\n{text}", args.join(" "));
     (out, text)
 }
 
 fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
 }
 
 /// Every file under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -62,17 +88,33 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
         eprintln!("skipped: set KILN_VM_TESTS=1 (and KILN_FIRSTBOOT) to boot VMs (.ci/run does)");
         return;
     }
-    let firstboot = std::env::var("KILN_FIRSTBOOT").expect("KILN_FIRSTBOOT must name the static kiln-firstboot binary");
+    let firstboot = std::env::var("KILN_FIRSTBOOT")
+        .expect("KILN_FIRSTBOOT must name the static kiln-firstboot binary");
     let kiln = kiln_bin();
-    let work = tempfile::Builder::new().prefix("kiln-e2e").tempdir_in("/var/tmp").unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("kiln-e2e")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let keep = std::env::var_os("KILN_E2E_KEEP").is_some();
-    let w = if keep { work.keep() } else { work.path().to_path_buf() };
+    let w = if keep {
+        work.keep()
+    } else {
+        work.path().to_path_buf()
+    };
     eprintln!("e2e work dir: {}", w.display());
 
     // The stand-in mirror, built by the steps' own tool.
     let mirror = w.join("mirror");
-    let st = Command::new("python3").arg(repo().join("tests/standins/make-mirror.py")).arg(&mirror).output().unwrap();
-    assert!(st.status.success(), "make-mirror.py: {}", String::from_utf8_lossy(&st.stderr));
+    let st = Command::new("python3")
+        .arg(repo().join("tests/standins/make-mirror.py"))
+        .arg(&mirror)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "make-mirror.py: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
 
     // 1-4: floor, first boot, reboot of the same disk.
     let run = w.join("run");
@@ -93,7 +135,11 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
             "900",
         ],
     );
-    assert!(out.status.success(), "kiln qemu test failed; see the output above and {}", run.display());
+    assert!(
+        out.status.success(),
+        "kiln qemu test failed; see the output above and {}",
+        run.display()
+    );
     assert!(text.contains("PASS: every step done"));
     let report = read_json(&run.join("report.json"));
     assert_eq!(report["ok"], true);
@@ -109,43 +155,101 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     let guest1 = run.join("boot-1/guest");
     let journal = read_json(&guest1.join("var/lib/kiln/journal.json"));
     let journal_text = journal.to_string();
-    for step in ["k3s", "tailscale", "tailscale-operator", "argocd", "gitops", "verify"] {
-        assert!(journal_text.contains(&format!("\"{step}\"")), "journal lacks step {step}: {journal_text}");
+    for step in [
+        "k3s",
+        "tailscale",
+        "tailscale-operator",
+        "argocd",
+        "gitops",
+        "verify",
+    ] {
+        assert!(
+            journal_text.contains(&format!("\"{step}\"")),
+            "journal lacks step {step}: {journal_text}"
+        );
     }
     let milestones: Vec<(String, String)> = b1["timeline"]["events"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["kind"] == "step-done" || e["kind"] == "step-skipped")
-        .map(|e| (e["step"].as_str().unwrap().to_string(), e["kind"].as_str().unwrap().to_string()))
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap().to_string(),
+                e["kind"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let done_steps: Vec<&str> = milestones.iter().map(|(s, _)| s.as_str()).collect();
-    assert_eq!(done_steps, ["k3s", "tailscale", "tailscale-operator", "argocd", "gitops", "verify"], "{milestones:?}");
+    assert_eq!(
+        done_steps,
+        [
+            "k3s",
+            "tailscale",
+            "tailscale-operator",
+            "argocd",
+            "gitops",
+            "verify"
+        ],
+        "{milestones:?}"
+    );
     // The mirror served the artifacts during boot 1.
-    let reqs1: Vec<String> = b1["mirror_requests"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect();
-    assert!(reqs1.iter().any(|r| r.contains("k3s/v1.32.4+k3s1/k3s 200")), "{reqs1:?}");
-    assert!(reqs1.iter().any(|r| r.contains("tailscale/tailscale_1.102.3_amd64.tgz 200")), "{reqs1:?}");
+    let reqs1: Vec<String> = b1["mirror_requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        reqs1.iter().any(|r| r.contains("k3s/v1.32.4+k3s1/k3s 200")),
+        "{reqs1:?}"
+    );
+    assert!(
+        reqs1
+            .iter()
+            .any(|r| r.contains("tailscale/tailscale_1.102.3_amd64.tgz 200")),
+        "{reqs1:?}"
+    );
 
     // K3s config disables traefik and servicelb.
     let cfg: serde_yaml::Value =
-        serde_yaml::from_slice(&std::fs::read(guest1.join("etc/rancher/k3s/config.yaml")).unwrap()).unwrap();
-    let disable: Vec<&str> = cfg["disable"].as_sequence().expect("disable list").iter().filter_map(|v| v.as_str()).collect();
-    assert!(disable.contains(&"traefik") && disable.contains(&"servicelb"), "{disable:?}");
+        serde_yaml::from_slice(&std::fs::read(guest1.join("etc/rancher/k3s/config.yaml")).unwrap())
+            .unwrap();
+    let disable: Vec<&str> = cfg["disable"]
+        .as_sequence()
+        .expect("disable list")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        disable.contains(&"traefik") && disable.contains(&"servicelb"),
+        "{disable:?}"
+    );
 
     // The root Application points at the profile's repo and path.
     let mut found_app = false;
     for f in files_under(&guest1.join("var/lib/rancher/k3s/server/manifests")) {
         let text = std::fs::read_to_string(&f).unwrap_or_default();
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let Ok(v) = serde_yaml::Value::deserialize_from(doc) else { continue };
+            let Ok(v) = serde_yaml::Value::deserialize_from(doc) else {
+                continue;
+            };
             if v["kind"] == "Application" && v["metadata"]["name"] == "root" {
-                assert_eq!(v["spec"]["source"]["repoURL"], "https://github.com/ameciclo/groundwork.git", "{}", f.display());
+                assert_eq!(
+                    v["spec"]["source"]["repoURL"],
+                    "https://github.com/ameciclo/groundwork.git",
+                    "{}",
+                    f.display()
+                );
                 assert_eq!(v["spec"]["source"]["path"], "azure/kubernetes");
                 found_app = true;
             }
         }
     }
-    assert!(found_app, "no root Application among the K3s manifests copied from the guest");
+    assert!(
+        found_app,
+        "no root Application among the K3s manifests copied from the guest"
+    );
 
     // Secret files are 0600 root (whichever remain: the auth key is removed once Tailscale runs).
     let stats = &b1["guest"]["stats"];
@@ -155,26 +259,46 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
         .iter()
         .filter(|(k, v)| k.starts_with("/etc/kiln/secrets/") && !v.is_null())
         .collect();
-    assert!(!secret_files.is_empty(), "no secret files on the node: {stats}");
+    assert!(
+        !secret_files.is_empty(),
+        "no secret files on the node: {stats}"
+    );
     for (path, st) in secret_files {
         assert_eq!(st["mode"].as_u64().unwrap() & 0o777, 0o600, "{path}: {st}");
-        assert_eq!((st["uid"].as_u64(), st["gid"].as_u64()), (Some(0), Some(0)), "{path}: {st}");
+        assert_eq!(
+            (st["uid"].as_u64(), st["gid"].as_u64()),
+            (Some(0), Some(0)),
+            "{path}: {st}"
+        );
     }
 
     // No secret value anywhere in what the run produced: serial logs, guest logs, reports.
     let secrets: Vec<String> = ["tailscale-auth-key", "tailscale-oauth-client-secret"]
         .iter()
-        .map(|n| std::fs::read_to_string(repo().join("profiles/secrets.example").join(n)).unwrap().trim().to_string())
+        .map(|n| {
+            std::fs::read_to_string(repo().join("profiles/secrets.example").join(n))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
         .collect();
     let mut scanned = 0;
     for f in files_under(&run) {
         let name = f.to_string_lossy();
-        if name.ends_with(".qcow2") || name.ends_with("seed.img") || name.ends_with("user-data") || name.ends_with("custom_data.gz") {
+        if name.ends_with(".qcow2")
+            || name.ends_with("seed.img")
+            || name.ends_with("user-data")
+            || name.ends_with("custom_data.gz")
+        {
             continue; // the payload carries the secrets to the node by design
         }
         let data = std::fs::read(&f).unwrap();
         for s in &secrets {
-            assert!(!String::from_utf8_lossy(&data).contains(s.as_str()), "secret value found in {}", f.display());
+            assert!(
+                !String::from_utf8_lossy(&data).contains(s.as_str()),
+                "secret value found in {}",
+                f.display()
+            );
         }
         scanned += 1;
     }
@@ -183,40 +307,119 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     // Reboot of the same disk: every step skipped, nothing downloaded.
     let b2 = &boots[1];
     assert_eq!(b2["outcome"]["result"], "all-done");
-    assert_eq!(b2["mirror_requests"], serde_json::json!([]), "boot 2 downloaded again");
+    assert_eq!(
+        b2["mirror_requests"],
+        serde_json::json!([]),
+        "boot 2 downloaded again"
+    );
     let kinds2: Vec<(String, String)> = b2["timeline"]["events"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["step"].is_string() && e["kind"] != "step-started")
-        .map(|e| (e["step"].as_str().unwrap().to_string(), e["kind"].as_str().unwrap().to_string()))
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap().to_string(),
+                e["kind"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(kinds2.len(), 6, "{kinds2:?}");
-    assert!(kinds2.iter().all(|(_, k)| k == "step-skipped"), "{kinds2:?}");
+    assert!(
+        kinds2.iter().all(|(_, k)| k == "step-skipped"),
+        "{kinds2:?}"
+    );
 
     // The floor ran and the comparison was printed.
     assert_eq!(report["floor"]["outcome"]["result"], "cloud-init-finished");
-    assert!(text.contains("floor (same image, empty payload)"), "no floor comparison printed");
+    assert!(
+        text.contains("floor (same image, empty payload)"),
+        "no floor comparison printed"
+    );
 
     // A mirror serving a corrupted K3s binary: the daemon refuses it and kiln qemu test fails
-    // with the daemon's error in its output.
+    // with the daemon's error in its output. This boot uses url delivery (the bundle from the
+    // same mirror) so its payload stays small and the boot short.
     let bad = w.join("mirror-bad");
     std::fs::create_dir_all(&bad).unwrap();
-    let st = Command::new("cp").arg("-a").arg(format!("{}/.", mirror.display())).arg(&bad).status().unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", mirror.display()))
+        .arg(&bad)
+        .status()
+        .unwrap();
     assert!(st.success());
     let k3s = bad.join("k3s/v1.32.4+k3s1/k3s");
     let mut bytes = std::fs::read(&k3s).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&k3s, bytes).unwrap();
-    let seed = run.join("build/seed.img");
+    let build_url = w.join("build-url");
+    let st = Command::new(&kiln)
+        .current_dir(repo())
+        .args([
+            "build",
+            "qemu/tests/profiles/qemu-local-url.yaml",
+            "--firstboot",
+            &firstboot,
+            "-o",
+        ])
+        .arg(&build_url)
+        .status()
+        .unwrap();
+    assert!(st.success(), "kiln build (url delivery) failed");
+    let bundle = std::fs::read(build_url.join("bundle.tar.gz")).unwrap();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bundle))
+    };
+    std::fs::create_dir_all(bad.join("bundles")).unwrap();
+    std::fs::write(bad.join(format!("bundles/bundle-{sha}.tar.gz")), &bundle).unwrap();
+    let seed = build_url.join("seed.img");
+    let run_bad = w.join("run-bad");
     let (out, text) = run_kiln_qemu_test(
         &kiln,
-        &["--seed", seed.to_str().unwrap(), "--mirror", bad.to_str().unwrap(), "-o", w.join("run-bad").to_str().unwrap(), "--deadline", "900"],
+        &[
+            "--seed",
+            seed.to_str().unwrap(),
+            "--mirror",
+            bad.to_str().unwrap(),
+            "-o",
+            run_bad.to_str().unwrap(),
+            "--deadline",
+            "900",
+        ],
     );
-    assert!(!out.status.success(), "kiln qemu test passed with a corrupted K3s binary");
-    assert!(text.contains("step k3s failed"), "the failing step is not named");
-    assert!(text.contains("sha256 mismatch"), "the daemon's checksum error is not visible");
+    assert!(
+        !out.status.success(),
+        "kiln qemu test passed with a corrupted K3s binary"
+    );
+    assert!(
+        text.contains("step k3s failed"),
+        "the failing step is not named"
+    );
+    assert!(
+        text.contains("sha256 mismatch"),
+        "the daemon's checksum error is not visible"
+    );
+    // The bundle itself came through the mirror and verified; the bad binary never got installed.
+    let bad_report = read_json(&run_bad.join("report.json"));
+    assert_eq!(bad_report["ok"], false);
+    let reqs: Vec<String> = bad_report["boots"][0]["mirror_requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        reqs.iter()
+            .any(|r| r.contains(&format!("bundles/bundle-{sha}.tar.gz 200"))),
+        "{reqs:?}"
+    );
+    assert!(
+        bad_report["boots"][0]["guest"]["stats"]["/usr/local/bin/k3s"].is_null(),
+        "a corrupted k3s was installed"
+    );
 }
 
 trait DeserializeFrom: Sized {
