@@ -387,3 +387,108 @@ fn verdict(r: &BootReport, boot: u32) -> Vec<String> {
     }
     f
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_qemu::serial::{Event, TimedEvent, Timeline};
+
+    fn boot(n: u32, events: Vec<Event>, outcome: Outcome, requests: &[&str]) -> BootReport {
+        BootReport {
+            boot: n,
+            outcome,
+            timeline: Timeline {
+                events: events
+                    .into_iter()
+                    .map(|event| TimedEvent { at: 1.0, event })
+                    .collect(),
+            },
+            seconds: 1.0,
+            mirror_requests: requests.iter().map(|s| s.to_string()).collect(),
+            guest: None,
+        }
+    }
+
+    #[test]
+    fn first_boot_with_every_step_done_passes() {
+        let r = boot(
+            1,
+            vec![
+                Event::StepDone {
+                    step: "k3s".into(),
+                    seconds: Some(1.0),
+                },
+                Event::AllDone,
+            ],
+            Outcome::AllDone,
+            &["GET /k3s 200"],
+        );
+        assert!(verdict(&r, 1).is_empty());
+    }
+
+    #[test]
+    fn failed_step_is_reported_with_the_daemons_error() {
+        let err = "sha256 mismatch for http://10.0.2.100/k3s/v1.32.4%2Bk3s1/k3s: expected a, got b";
+        let r = boot(
+            1,
+            vec![Event::StepFailed {
+                step: "k3s".into(),
+                error: err.into(),
+            }],
+            Outcome::StepFailed {
+                step: "k3s".into(),
+                error: err.into(),
+            },
+            &[],
+        );
+        let v = verdict(&r, 1);
+        assert_eq!(v.len(), 1);
+        assert!(
+            v[0].contains("step k3s failed") && v[0].contains("sha256 mismatch"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_reboot_must_skip_every_step_and_download_nothing() {
+        let skipped = vec![Event::StepSkipped { step: "k3s".into() }, Event::AllDone];
+        assert!(verdict(&boot(2, skipped.clone(), Outcome::AllDone, &[]), 2).is_empty());
+        let v = verdict(
+            &boot(
+                2,
+                skipped,
+                Outcome::AllDone,
+                &["GET /k3s/v1.32.4+k3s1/k3s 200"],
+            ),
+            2,
+        );
+        assert!(v.iter().any(|f| f.contains("downloaded again")), "{v:?}");
+        let redone = vec![
+            Event::StepDone {
+                step: "k3s".into(),
+                seconds: None,
+            },
+            Event::AllDone,
+        ];
+        let v = verdict(&boot(2, redone, Outcome::AllDone, &[]), 2);
+        assert!(
+            v.iter().any(|f| f.contains("must skip every step")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn deadline_names_the_last_milestone() {
+        let r = boot(
+            1,
+            vec![Event::CloudInitFinished],
+            Outcome::Deadline { seconds: 60 },
+            &[],
+        );
+        let v = verdict(&r, 1);
+        assert!(
+            v[0].contains("deadline of 60s") && v[0].contains("cloud-init finished"),
+            "{v:?}"
+        );
+    }
+}
