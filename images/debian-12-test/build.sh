@@ -22,12 +22,13 @@ disk_size=${KILN_IMAGE_DISK_SIZE:-4G}
 # - cloud-init (22.4.2 in bookworm) + python3; openssh-server so cc_ssh behaves as on Ubuntu.
 # - curl, ca-certificates, coreutils (sha256sum), tar, gzip: the bootstrap's tools.
 # - iproute2 + systemd-networkd (DHCP on the user-mode network), e2fsprogs (fsck of root).
+# - tzdata: profiles set a timezone (cc_timezone fails the boot without /usr/share/zoneinfo).
 # - python3 also runs the K3s/Tailscale contract stand-ins in the e2e test.
 packages=(
   systemd systemd-sysv udev dbus kmod
   linux-image-amd64 initramfs-tools
   cloud-init python3 openssh-server sudo
-  curl ca-certificates iproute2 e2fsprogs procps
+  curl ca-certificates iproute2 e2fsprogs procps tzdata
 )
 cmdline="console=ttyS0 root=/dev/vda rw panic=-1"
 
