@@ -20,27 +20,25 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `kiln` binary: $KILN_BIN, or built now with the cargo running this test.
+/// The `kiln` binary: $KILN_BIN, else the one `cargo test --workspace` builds next to this
+/// test's own directory (target/<profile>/kiln). Building it from here would deadlock on the
+/// build-directory lock cargo holds while tests run.
 fn kiln_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("KILN_BIN") {
         return PathBuf::from(p);
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .current_dir(repo())
-        .args(["build", "-q", "-p", "kiln", "--bin", "kiln"])
-        .status()
+    let exe = std::env::current_exe().unwrap();
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("kiln"))
         .unwrap();
-    assert!(st.success(), "cargo build -p kiln failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    let target = if target.is_absolute() {
-        target
-    } else {
-        repo().join(target)
-    };
-    target.join("debug/kiln")
+    assert!(
+        candidate.is_file(),
+        "no kiln binary at {}: run `cargo build -p kiln` first or set KILN_BIN",
+        candidate.display()
+    );
+    candidate
 }
 
 fn run_kiln_qemu_test(kiln: &Path, args: &[&str]) -> (Output, String) {
