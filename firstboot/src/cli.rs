@@ -115,13 +115,8 @@ pub fn run(a: RunArgs) -> ExitCode {
     } else {
         match engine::run(&root, &steps, &opts, &mut stdout) {
             Ok(o) => o,
-            Err(e) => {
-                println!("kiln: daemon error: {e:#}");
-                Outcome::Failed {
-                    step: StepId::K3s,
-                    error: format!("{e:#}"),
-                }
-            }
+            // Already reported (milestone, status) by the engine; restartable.
+            Err(_) => return ExitCode::FAILURE,
         }
     };
     if outcome == Outcome::Done {

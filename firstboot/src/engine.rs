@@ -222,7 +222,30 @@ pub fn run(
     let mut status = Status::new();
     let _ = status.write(root);
     crate::systemd::notify_status("starting: checking the plan and bundle");
+    match run_inner(root, steps, opts, &mut ms, &mut status) {
+        Ok(o) => Ok(o),
+        Err(e) => {
+            // The daemon's own state could not be handled (journal unwritable, disk full):
+            // say so everywhere we still can.
+            let msg = format!("{e:#}");
+            ms.say(format_args!("daemon error: {msg}"));
+            status.state = RunState::Failed;
+            status.last_error = Some(msg);
+            status.ended_at = Some(crate::time::now());
+            let _ = status.write(root);
+            say_status(&mut ms, &status);
+            Err(e)
+        }
+    }
+}
 
+fn run_inner(
+    root: &Root,
+    steps: &[Box<dyn Step>],
+    opts: &RunOptions,
+    ms: &mut Milestones,
+    status: &mut Status,
+) -> Result<Outcome> {
     let refuse = |status: &mut Status, ms: &mut Milestones, error: String| {
         ms.say(format_args!("refusing to run: {error}"));
         crate::systemd::notify_status(&format!("refused: {error}"));
@@ -245,21 +268,15 @@ pub fn run(
         Ok(b) => b,
         Err(e) => {
             return refuse(
-                &mut status,
-                &mut ms,
+                status,
+                ms,
                 format!("reading plan {}: {e}", plan_path.display()),
             )
         }
     };
     let plan = match Plan::from_json(&plan_bytes) {
         Ok(p) => p,
-        Err(e) => {
-            return refuse(
-                &mut status,
-                &mut ms,
-                format!("{}: {e}", plan_path.display()),
-            )
-        }
+        Err(e) => return refuse(status, ms, format!("{}: {e}", plan_path.display())),
     };
     let plan_sha = kiln_plan::Sha256::digest(&plan_bytes);
     status.plan_sha256 = Some(plan_sha);
@@ -272,34 +289,26 @@ pub fn run(
         Ok(crate::bundle::BundleCheck::Absent) => {
             tracing::info!("no bundle SHA256SUMS under the root; plan taken as given")
         }
-        Err(e) => return refuse(&mut status, &mut ms, format!("{e:#}")),
+        Err(e) => return refuse(status, ms, format!("{e:#}")),
     }
 
     // 3. The step list must be sane.
     let ids: Vec<StepId> = steps.iter().map(|s| s.id()).collect();
     for (i, id) in ids.iter().enumerate() {
         if ids[..i].contains(id) {
-            return refuse(
-                &mut status,
-                &mut ms,
-                format!("step {id} is registered twice"),
-            );
+            return refuse(status, ms, format!("step {id} is registered twice"));
         }
     }
     for f in &opts.force {
         if !ids.contains(f) {
-            return refuse(
-                &mut status,
-                &mut ms,
-                format!("--force {f}: no such step in this run"),
-            );
+            return refuse(status, ms, format!("--force {f}: no such step in this run"));
         }
     }
 
     // 4. One daemon at a time, then the journal.
     let _lock = match Lock::acquire(root) {
         Ok(l) => l,
-        Err(e) => return refuse(&mut status, &mut ms, format!("{e:#}")),
+        Err(e) => return refuse(status, ms, format!("{e:#}")),
     };
     let instance = crate::journal::instance_id(root)?;
     status.instance_id = Some(instance.clone());
@@ -348,7 +357,7 @@ pub fn run(
             r.last_error = None;
         }
         status.current_step = Some(id);
-        sync(&mut status, &journal, &facts);
+        sync(status, &journal, &facts);
         journal.save(root)?;
         status.write(root)?;
         ms.say(format_args!(
@@ -393,7 +402,7 @@ pub fn run(
                         secs(delay)
                     ));
                     journal.step_mut(id).last_error = Some(msg);
-                    sync(&mut status, &journal, &facts);
+                    sync(status, &journal, &facts);
                     journal.save(root)?;
                     status.write(root)?;
                     std::thread::sleep(delay);
@@ -419,7 +428,7 @@ pub fn run(
                     }
                 }
                 r.facts.retain(|k, _| facts.contains_key(k));
-                sync(&mut status, &journal, &facts);
+                sync(status, &journal, &facts);
                 journal.save(root)?;
                 status.write(root)?;
                 match state {
@@ -436,11 +445,11 @@ pub fn run(
                 status.state = RunState::Failed;
                 status.last_error = Some(format!("step {id}: {msg}"));
                 status.ended_at = Some(crate::time::now());
-                sync(&mut status, &journal, &facts);
+                sync(status, &journal, &facts);
                 journal.save(root)?;
                 status.write(root)?;
                 ms.say(format_args!("step {id} failed: {msg}"));
-                say_status(&mut ms, &status);
+                say_status(ms, status);
                 crate::systemd::notify_status(&format!("step {id} failed"));
                 return Ok(Outcome::Failed {
                     step: id,
@@ -453,14 +462,14 @@ pub fn run(
     status.state = RunState::Done;
     status.current_step = None;
     status.ended_at = Some(crate::time::now());
-    sync(&mut status, &journal, &facts);
+    sync(status, &journal, &facts);
     status.write(root)?;
     ms.say(format_args!(
         "all steps done in {} ({})",
         secs(run_start.elapsed()),
         crate::status::Resources::of_self()
     ));
-    say_status(&mut ms, &status);
+    say_status(ms, status);
     crate::systemd::notify_status("all steps done");
     Ok(Outcome::Done)
 }
