@@ -150,23 +150,9 @@ fn root_application_validates_against_the_argo_cd_v3_4_7_crd() {
         app["spec"]["source"]["repoURL"],
         "https://github.com/ameciclo/groundwork.git"
     );
-}
-
-#[test]
-fn the_project_the_root_application_uses_is_a_valid_appproject_name() {
-    // kiln ships no AppProject: the root Application uses Argo CD's built-in `default`
-    // project. The AppProject CRD still checks that such a project object is well-formed.
-    let v = crd_validator("argo-cd-v3.4.7/crds/appproject-crd.json", "v1alpha1");
-    let plan = test_plan();
-    let project = manifests::root_application(&plan).spec.project;
-    let obj = json!({
-        "apiVersion": "argoproj.io/v1alpha1", "kind": "AppProject",
-        "metadata": {"name": project, "namespace": "argocd"},
-        "spec": {"sourceRepos": ["*"], "destinations": [{"server": "*", "namespace": "*"}],
-                 "clusterResourceWhitelist": [{"group": "*", "kind": "*"}]}
-    });
-    assert_eq!(errors(&v, &obj), Vec::<String>::new());
-    assert_eq!(project, "default");
+    // kiln ships no AppProject: the root Application uses the `default` project Argo CD
+    // creates itself (app-of-apps is an admin tool; see docs/node.md).
+    assert_eq!(app["spec"]["project"], "default");
 }
 
 /// `| \`field\` | type |` rows of one `### Title` section of the helm-controller notes.
