@@ -354,7 +354,7 @@ impl Step for K3sStep {
         }
         let digest = applied_digest(cx)?;
         let stale = !file_is(cx.root, APPLIED_MARKER, digest.as_bytes(), 0o600);
-        if !systemd::is_active(UNIT)? {
+        if !running(UNIT)? {
             systemd::start(UNIT)?;
         } else if changed || stale {
             systemd::restart(UNIT)?;

@@ -256,7 +256,7 @@ impl Step for TailscaleStep {
         if !systemd::is_enabled(UNIT)? {
             systemd::enable(UNIT)?;
         }
-        if !systemd::is_active(UNIT)? {
+        if !k3s::running(UNIT)? {
             systemd::start(UNIT)?;
         } else if changed {
             systemd::restart(UNIT)?;
