@@ -76,7 +76,7 @@ fn build_cli(
 }
 
 fn untar(gz: &[u8]) -> Vec<(String, tar::Header, Vec<u8>)> {
-    let mut a = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+    let mut a = tar::Archive::new(flate2::read::MultiGzDecoder::new(gz));
     a.entries()
         .unwrap()
         .map(|e| {

@@ -13,7 +13,7 @@ chmod 0700 /etc/kiln/secrets
 if [ -f "$tarball" ] && verify "$tarball"; then
   say "bundle already present and verified"
 else
-  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-d739a5afcdf27e2c2c7c5f4275e092f78238745b512282763846ca609ea76ce3.tar.gz'
+  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-fc73f78e3604aec3658849615466dba108927230555bd159fd8107153a9b7d7b.tar.gz'
   say "fetching $url"
   rm -f "$tarball.partial"
   curl -fsSL --retry 30 --retry-delay 5 --retry-all-errors --connect-timeout 20 --max-time 900 \
