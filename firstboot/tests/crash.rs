@@ -304,8 +304,67 @@ fn world_readable(root: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn secret_canaries_appear_in_no_output_status_journal_or_world_readable_file() {
     let (node, _mirror, _pins, _plan) = setup(|_, _| {});
-    let (ok, out, err) = run_to_end(&node);
+    // The first run talks sd_notify to a socket of ours, as systemd would see it.
+    let sock_path = node.root.parent().unwrap().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let collector = std::thread::spawn(move || {
+        let mut msgs = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        let mut idle = 0;
+        // Passed fds (the barrier's pipe) are closed by the kernel because we don't take
+        // them, which is what releases the daemon's barrier wait.
+        while idle < 150 {
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    idle = 0;
+                    msgs.push(String::from_utf8_lossy(&buf[..n]).trim_end().to_string());
+                }
+                Err(_) => idle += 1,
+            }
+        }
+        msgs
+    });
+    let path = format!(
+        "{}:{}",
+        node.bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let first = Command::new(env!("CARGO_BIN_EXE_kiln-firstboot"))
+        .args(["run", "--root"])
+        .arg(&node.root)
+        .env("PATH", path)
+        .env("KILN_STANDIN_ROOT", &node.root)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .output()
+        .unwrap();
+    let (ok, out, err) = (
+        first.status.success(),
+        String::from_utf8_lossy(&first.stdout).into_owned(),
+        String::from_utf8_lossy(&first.stderr).into_owned(),
+    );
     assert!(ok, "run failed:\n{out}\n{err}");
+    let notes = collector.join().unwrap();
+    let ready: Vec<usize> = (0..notes.len())
+        .filter(|&i| notes[i].lines().any(|l| l == "READY=1"))
+        .collect();
+    assert_eq!(ready.len(), 1, "READY=1 exactly once: {notes:#?}");
+    let r = ready[0];
+    assert!(notes[r].contains("STATUS=all steps done"), "{notes:#?}");
+    assert!(
+        notes[..r].iter().any(|m| m == "STATUS=step verify"),
+        "READY=1 only after the last step: {notes:#?}"
+    );
+    assert!(notes[..r]
+        .iter()
+        .any(|m| m.starts_with("EXTEND_TIMEOUT_USEC=")));
+    assert_eq!(
+        notes.last().map(String::as_str),
+        Some("BARRIER=1"),
+        "{notes:#?}"
+    );
+    let notes = notes.join("\n");
     // A re-verify run too: its outputs are scanned as well.
     let (ok2, out2, err2) = run_to_end(&node);
     assert!(ok2, "second run failed:\n{out2}\n{err2}");
@@ -315,11 +374,22 @@ fn secret_canaries_appear_in_no_output_status_journal_or_world_readable_file() {
         .output()
         .unwrap();
     assert!(status_cli.status.success());
+    let timeline = String::from_utf8_lossy(&status_cli.stdout).into_owned();
+    assert!(timeline.starts_with("kiln-firstboot: done"), "{timeline}");
+    for id in ["k3s", "tailscale-operator", "verify"] {
+        assert!(
+            timeline
+                .lines()
+                .any(|l| l.contains(id) && l.contains("skipped")),
+            "{timeline}"
+        );
+    }
 
     let mut scanned: Vec<(String, Vec<u8>)> = vec![
         ("stdout".into(), format!("{out}{out2}").into_bytes()),
         ("stderr".into(), format!("{err}{err2}").into_bytes()),
-        ("status cli".into(), status_cli.stdout),
+        ("status cli".into(), status_cli.stdout.clone()),
+        ("sd_notify".into(), notes.into_bytes()),
         (
             "journal".into(),
             fs::read(node.p("/var/lib/kiln/journal.json")).unwrap(),
