@@ -486,3 +486,53 @@ fn sync(status: &mut Status, journal: &Journal, facts: &Facts) {
     status.facts = facts.clone();
     status.instance_id = Some(journal.instance_id.clone());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(status: u16) -> anyhow::Error {
+        DownloadError::Http {
+            url: "http://m/x".into(),
+            status,
+        }
+        .into()
+    }
+
+    #[test]
+    fn retry_classification_follows_the_outermost_cause_that_says_anything() {
+        assert!(is_transient(&Transient("busy".into()).into()));
+        assert!(is_transient(
+            &anyhow::Error::new(Transient("busy".into())).context("applying k3s")
+        ));
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(is_transient(&http(s)), "{s}");
+        }
+        for s in [400, 401, 403, 404, 410] {
+            assert!(!is_transient(&http(s)), "{s}");
+        }
+        let mismatch: anyhow::Error = DownloadError::ChecksumMismatch {
+            url: "u".into(),
+            expected: kiln_plan::Sha256::from_bytes([1; 32]),
+            actual: kiln_plan::Sha256::from_bytes([2; 32]),
+        }
+        .into();
+        assert!(!is_transient(&mismatch.context("downloading k3s")));
+        let io = |k| anyhow::Error::new(std::io::Error::from(k)).context("talking to k3s");
+        assert!(is_transient(&io(std::io::ErrorKind::ConnectionRefused)));
+        assert!(is_transient(&io(std::io::ErrorKind::TimedOut)));
+        assert!(!is_transient(&io(std::io::ErrorKind::NotFound)));
+        assert!(!is_transient(&io(std::io::ErrorKind::PermissionDenied)));
+        assert!(!is_transient(&anyhow::anyhow!("plan is not valid")));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        for (i, x) in d.iter().enumerate() {
+            let full = Duration::from_millis(100 * (1u64 << i)).min(Duration::from_secs(1));
+            assert!(*x >= full / 2 && *x <= full, "delay {i}: {x:?} vs {full:?}");
+        }
+    }
+}
