@@ -420,3 +420,45 @@ fn secret_canaries_appear_in_no_output_status_journal_or_world_readable_file() {
     }
     eprintln!("secret canaries: {} sources scanned, 0 hits", scanned.len());
 }
+
+#[test]
+fn a_corrupted_k3s_binary_is_refused_never_run_and_a_repaired_mirror_completes_the_node() {
+    let (node, mirror, pins, _plan) = setup(|_, _| {});
+    let k3s_path = pins["k3s"]["path"].as_str().unwrap();
+    let k3s_sha = pins["k3s"]["sha256"].as_str().unwrap();
+    mirror.fault_always(k3s_path, Fault::FlipByte(1000));
+
+    let (ok, out, err) = run_to_end(&node);
+    assert!(!ok, "a corrupted binary must fail the run:\n{out}\n{err}");
+    let failed = out
+        .lines()
+        .find(|l| l.starts_with("kiln: step k3s failed: "))
+        .unwrap_or_else(|| panic!("no failure milestone:\n{out}"));
+    assert!(failed.contains("sha256 mismatch"), "{failed}");
+    assert!(
+        failed.contains(k3s_sha),
+        "names the expected hash: {failed}"
+    );
+    // Nothing installed, nothing cached, and the stand-in k3s never ran.
+    assert!(!node.p("/usr/local/bin/k3s").exists());
+    assert!(!node.p(&format!("/var/lib/kiln/cache/{k3s_sha}")).exists());
+    assert!(!node
+        .p(&format!("/var/lib/kiln/cache/{k3s_sha}.partial"))
+        .exists());
+    assert!(argv_of(&node.log(), "k3s").is_empty(), "{:?}", node.log());
+    let st = status(&node.root);
+    assert_eq!(st["state"], "failed", "{st}");
+    assert_eq!(st["steps"][0]["state"], "failed", "{st}");
+    assert_eq!(
+        mirror.hits(k3s_path),
+        1,
+        "a checksum mismatch is not retried"
+    );
+
+    // The mirror is repaired: the next run (what systemd's restart does) finishes.
+    mirror.clear_faults(k3s_path);
+    let (ok, out, err) = run_to_end(&node);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("kiln: all steps done"), "{out}");
+    assert_no_unverified_final_files(&node.root, &pins);
+}
