@@ -316,6 +316,16 @@ fn follow(
         for e in follower.poll()? {
             match (&e.event, wait_for) {
                 (Event::AllDone, WaitFor::DaemonDone) => {
+                    // On a reboot the daemon (ordered after cloud-init.service) can finish
+                    // before cloud-init's config and final stages; the boot is judged when both
+                    // are done, so keep following until cloud-init says so (or the deadline).
+                    if !follower
+                        .events
+                        .iter()
+                        .any(|e| matches!(e.event, Event::CloudInitFinished))
+                    {
+                        wait_for_cloud_init(vm, follower, until)?;
+                    }
                     linger(vm, follower, Duration::from_secs(3))?;
                     return Ok(Outcome::AllDone);
                 }
@@ -355,6 +365,20 @@ fn follow(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn wait_for_cloud_init(vm: &mut Vm, follower: &mut Follower, until: Instant) -> Result<()> {
+    while Instant::now() < until && vm.try_wait()?.is_none() {
+        if follower
+            .poll()?
+            .iter()
+            .any(|e| matches!(e.event, Event::CloudInitFinished))
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 fn linger(vm: &mut Vm, follower: &mut Follower, d: Duration) -> Result<()> {

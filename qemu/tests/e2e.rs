@@ -114,6 +114,90 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
         String::from_utf8_lossy(&st.stderr)
     );
 
+    // First, as it is the short boot: a mirror serving a corrupted K3s binary. The daemon
+    // refuses it and kiln qemu test fails with the daemon's error in its output. This boot uses
+    // url delivery (the bundle from the same mirror) so its payload stays small.
+    let bad = w.join("mirror-bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", mirror.display()))
+        .arg(&bad)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let k3s = bad.join("k3s/v1.32.4+k3s1/k3s");
+    let mut bytes = std::fs::read(&k3s).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&k3s, bytes).unwrap();
+    let build_url = w.join("build-url");
+    let st = Command::new(&kiln)
+        .current_dir(repo())
+        .args([
+            "build",
+            "qemu/tests/profiles/qemu-local-url.yaml",
+            "--firstboot",
+            &firstboot,
+            "-o",
+        ])
+        .arg(&build_url)
+        .status()
+        .unwrap();
+    assert!(st.success(), "kiln build (url delivery) failed");
+    let bundle = std::fs::read(build_url.join("bundle.tar.gz")).unwrap();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bundle))
+    };
+    std::fs::create_dir_all(bad.join("bundles")).unwrap();
+    std::fs::write(bad.join(format!("bundles/bundle-{sha}.tar.gz")), &bundle).unwrap();
+    let seed = build_url.join("seed.img");
+    let run_bad = w.join("run-bad");
+    let (out, text) = run_kiln_qemu_test(
+        &kiln,
+        &[
+            "--seed",
+            seed.to_str().unwrap(),
+            "--mirror",
+            bad.to_str().unwrap(),
+            "-o",
+            run_bad.to_str().unwrap(),
+            "--deadline",
+            "900",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "kiln qemu test passed with a corrupted K3s binary"
+    );
+    assert!(
+        text.contains("step k3s failed"),
+        "the failing step is not named"
+    );
+    assert!(
+        text.contains("sha256 mismatch"),
+        "the daemon's checksum error is not visible"
+    );
+    // The bundle itself came through the mirror and verified; the bad binary never got installed.
+    let bad_report = read_json(&run_bad.join("report.json"));
+    assert_eq!(bad_report["ok"], false);
+    let reqs: Vec<String> = bad_report["boots"][0]["mirror_requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        reqs.iter()
+            .any(|r| r.contains(&format!("bundles/bundle-{sha}.tar.gz 200"))),
+        "{reqs:?}"
+    );
+    assert!(
+        bad_report["boots"][0]["guest"]["stats"]["/usr/local/bin/k3s"].is_null(),
+        "a corrupted k3s was installed"
+    );
+
     // 1-4: floor, first boot, reboot of the same disk.
     let run = w.join("run");
     let (out, text) = run_kiln_qemu_test(
@@ -333,90 +417,6 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     assert!(
         text.contains("floor (same image, empty payload)"),
         "no floor comparison printed"
-    );
-
-    // A mirror serving a corrupted K3s binary: the daemon refuses it and kiln qemu test fails
-    // with the daemon's error in its output. This boot uses url delivery (the bundle from the
-    // same mirror) so its payload stays small and the boot short.
-    let bad = w.join("mirror-bad");
-    std::fs::create_dir_all(&bad).unwrap();
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", mirror.display()))
-        .arg(&bad)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let k3s = bad.join("k3s/v1.32.4+k3s1/k3s");
-    let mut bytes = std::fs::read(&k3s).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&k3s, bytes).unwrap();
-    let build_url = w.join("build-url");
-    let st = Command::new(&kiln)
-        .current_dir(repo())
-        .args([
-            "build",
-            "qemu/tests/profiles/qemu-local-url.yaml",
-            "--firstboot",
-            &firstboot,
-            "-o",
-        ])
-        .arg(&build_url)
-        .status()
-        .unwrap();
-    assert!(st.success(), "kiln build (url delivery) failed");
-    let bundle = std::fs::read(build_url.join("bundle.tar.gz")).unwrap();
-    let sha = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&bundle))
-    };
-    std::fs::create_dir_all(bad.join("bundles")).unwrap();
-    std::fs::write(bad.join(format!("bundles/bundle-{sha}.tar.gz")), &bundle).unwrap();
-    let seed = build_url.join("seed.img");
-    let run_bad = w.join("run-bad");
-    let (out, text) = run_kiln_qemu_test(
-        &kiln,
-        &[
-            "--seed",
-            seed.to_str().unwrap(),
-            "--mirror",
-            bad.to_str().unwrap(),
-            "-o",
-            run_bad.to_str().unwrap(),
-            "--deadline",
-            "900",
-        ],
-    );
-    assert!(
-        !out.status.success(),
-        "kiln qemu test passed with a corrupted K3s binary"
-    );
-    assert!(
-        text.contains("step k3s failed"),
-        "the failing step is not named"
-    );
-    assert!(
-        text.contains("sha256 mismatch"),
-        "the daemon's checksum error is not visible"
-    );
-    // The bundle itself came through the mirror and verified; the bad binary never got installed.
-    let bad_report = read_json(&run_bad.join("report.json"));
-    assert_eq!(bad_report["ok"], false);
-    let reqs: Vec<String> = bad_report["boots"][0]["mirror_requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().to_string())
-        .collect();
-    assert!(
-        reqs.iter()
-            .any(|r| r.contains(&format!("bundles/bundle-{sha}.tar.gz 200"))),
-        "{reqs:?}"
-    );
-    assert!(
-        bad_report["boots"][0]["guest"]["stats"]["/usr/local/bin/k3s"].is_null(),
-        "a corrupted k3s was installed"
     );
 }
 
