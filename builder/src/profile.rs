@@ -151,8 +151,35 @@ pub struct TailscaleSpec {
     pub hostname: Option<String>,
     #[serde(default)]
     pub tags: Vec<String>,
-    pub auth_key: SecretRef,
+    /// Required unless `api.mint-auth-key` is on.
+    #[serde(default)]
+    pub auth_key: Option<SecretRef>,
     pub operator: OperatorSpec,
+    /// Tailscale API use before joining (rebuilds keep the node's name); see docs/rebuild.md.
+    #[serde(default)]
+    pub api: Option<TailscaleApiSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TailscaleApiSpec {
+    #[serde(default = "default_tailscale_api")]
+    pub base_url: Url,
+    #[serde(default)]
+    pub delete_stale: bool,
+    #[serde(default)]
+    pub delete_proxy_devices: Vec<String>,
+    #[serde(default)]
+    pub mint_auth_key: bool,
+    #[serde(default = "default_key_expiry")]
+    pub key_expiry_seconds: u64,
+}
+
+fn default_tailscale_api() -> Url {
+    Url::parse(kiln_plan::DEFAULT_TAILSCALE_API).expect("valid default")
+}
+fn default_key_expiry() -> u64 {
+    3600
 }
 
 pub const DEFAULT_TAILSCALE_VERSION: &str = "v1.102.3";

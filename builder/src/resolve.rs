@@ -12,7 +12,7 @@ use crate::profile::{
 use crate::source::{key_path, Seg, Sources};
 use kiln_plan::{
     k3s_config, ArgoCd, Artifact, Artifacts, GitOps, K3s, Node, Plan, RepoCredentials, Role,
-    Secret, Sha256, StepId, Tailscale, TailscaleOperator, Version, PLAN_VERSION,
+    Secret, Sha256, StepId, Tailscale, TailscaleApi, TailscaleOperator, Version, PLAN_VERSION,
 };
 use std::collections::BTreeMap;
 use url::Url;
@@ -371,13 +371,54 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         ),
     };
     placeholder_pin(&mut warnings, "tailscale.sha256", &t.sha256);
-    secrets.push(read_secret(
-        s,
-        env,
-        &["tailscale", "auth-key"],
-        &t.auth_key,
-        TAILSCALE_AUTH_KEY_FILE,
-    )?);
+    let mint = t.api.as_ref().is_some_and(|a| a.mint_auth_key);
+    match &t.auth_key {
+        Some(r) => secrets.push(read_secret(
+            s,
+            env,
+            &["tailscale", "auth-key"],
+            r,
+            TAILSCALE_AUTH_KEY_FILE,
+        )?),
+        None if mint => {}
+        None => {
+            return Err(s.error(
+                &key_path(&["tailscale"]),
+                true,
+                "tailscale.auth-key is required unless tailscale.api.mint-auth-key is true",
+            ))
+        }
+    }
+    let api = match &t.api {
+        None => None,
+        Some(a) => {
+            check_http(s, &["tailscale", "api", "base-url"], &a.base_url)?;
+            for name in &a.delete_proxy_devices {
+                check_label(s, &["tailscale", "api", "delete-proxy-devices"], name)?;
+            }
+            if !(60..=90 * 86400).contains(&a.key_expiry_seconds) {
+                return Err(s.error(
+                    &key_path(&["tailscale", "api", "key-expiry-seconds"]),
+                    false,
+                    "key-expiry-seconds must be between 60 and 7776000 (90 days)",
+                ));
+            }
+            if a.mint_auth_key && t.tags.is_empty() {
+                return Err(s.error(
+                    &key_path(&["tailscale", "api", "mint-auth-key"]),
+                    false,
+                    "a key minted by an OAuth client must carry tags: set tailscale.tags",
+                ));
+            }
+            Some(TailscaleApi {
+                base_url: a.base_url.clone(),
+                delete_stale: a.delete_stale,
+                delete_proxy_devices: a.delete_proxy_devices.clone(),
+                mint_auth_key: a.mint_auth_key,
+                key_expiry_seconds: a.key_expiry_seconds,
+            })
+        }
+    };
     let o = &t.operator;
     let chart_version = o.chart_version.clone().unwrap_or_else(|| t.version.bare());
     if chart_version.parse::<Version>().is_err()
@@ -430,6 +471,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             ingress_class: o.ingress_class.clone(),
             hostname: o.hostname.clone(),
         },
+        api,
     };
 
     // --- argocd

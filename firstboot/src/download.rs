@@ -207,7 +207,8 @@ impl Fetcher {
             .unwrap_or_else(|| Instant::now() + self.policy.default_deadline)
     }
 
-    fn client(&self) -> Result<&reqwest::blocking::Client> {
+    /// The daemon's one HTTP client (also used by `tailscale_api`).
+    pub fn client(&self) -> Result<&reqwest::blocking::Client> {
         if let Some(c) = self.client.get() {
             return Ok(c);
         }

@@ -12,6 +12,7 @@ pub mod k3s;
 pub mod status;
 pub mod systemd;
 pub mod tailscale;
+pub mod tailscale_api;
 pub mod time;
 
 /// THE step registry: every step the daemon runs, in order (k3s → tailscale →

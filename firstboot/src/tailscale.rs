@@ -277,6 +277,14 @@ impl Step for TailscaleStep {
                 .into())
             }
             state => {
+                // Rebuild identity (issue 8, tailscale_api.rs, owned by the rebuild work): a
+                // logged-out node first deletes stale devices holding its names through the
+                // Tailscale API, so it joins as HOSTNAME and not HOSTNAME-1, and with
+                // `mint-auth-key` writes a fresh one-off key to the auth key file used below.
+                // A no-op without `tailscale.api` in the plan; Stopped keeps its identity.
+                if state != "Stopped" {
+                    crate::tailscale_api::before_join(cx)?;
+                }
                 // NeedsLogin needs the key; Stopped (someone ran `tailscale down`) comes back
                 // up with the same flags, with the key if it is still there.
                 let key = cx

@@ -187,7 +187,38 @@ pub struct Tailscale {
     #[serde(default)]
     pub auth_key_file: Option<String>,
     pub operator: TailscaleOperator,
+    /// Tailscale API use before joining (rebuilds): absent = never call the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<TailscaleApi>,
 }
+
+/// What the tailscale step does through the Tailscale API, with the operator's OAuth client
+/// (`operator.oauth-client-id` and its secret file), before `tailscale up` on a node that is
+/// logged out: a rebuilt node keeps `HOSTNAME` instead of becoming `HOSTNAME-1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TailscaleApi {
+    /// The API origin (`https://api.tailscale.com`); paths `/api/v2/...` are joined to it.
+    pub base_url: Url,
+    /// Delete devices whose name is the node's Tailscale hostname.
+    #[serde(default)]
+    pub delete_stale: bool,
+    /// Also delete devices with these names (the operator's proxies, e.g. `argocd`).
+    #[serde(default)]
+    pub delete_proxy_devices: Vec<String>,
+    /// Mint a single-use, preauthorized, tagged auth key instead of using a stored one.
+    #[serde(default)]
+    pub mint_auth_key: bool,
+    /// Lifetime of a minted key, seconds.
+    #[serde(default = "default_key_expiry")]
+    pub key_expiry_seconds: u64,
+}
+
+fn default_key_expiry() -> u64 {
+    3600
+}
+
+pub const DEFAULT_TAILSCALE_API: &str = "https://api.tailscale.com";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

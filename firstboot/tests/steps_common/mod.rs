@@ -104,6 +104,7 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
                 ingress_class: "tailscale".into(),
                 hostname: "ameciclo-operator".into(),
             },
+            api: None,
         },
         argocd: ArgoCd {
             version: "v3.4.7".parse().unwrap(),
