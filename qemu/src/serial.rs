@@ -142,7 +142,9 @@ fn parse_daemon(rest: &str) -> Event {
     }
     for prefix in ["refusing to run:", "daemon error:"] {
         if rest.starts_with(prefix) {
-            return Event::DaemonFailed { error: rest.to_string() };
+            return Event::DaemonFailed {
+                error: rest.to_string(),
+            };
         }
     }
     if let Some(json) = rest.strip_prefix("status ") {
@@ -329,16 +331,26 @@ mod tests {
                 step: "argocd".into()
             })
         );
-        assert_eq!(parse_line("kiln: all steps done in 31.0s"), Some(Event::AllDone));
+        assert_eq!(
+            parse_line("kiln: all steps done in 31.0s"),
+            Some(Event::AllDone)
+        );
         assert_eq!(
             parse_line("kiln: step k3s attempt 1 failed, retrying in 2.0s: HTTP 503"),
-            Some(Event::Daemon { text: "step k3s attempt 1 failed, retrying in 2.0s: HTTP 503".into() })
+            Some(Event::Daemon {
+                text: "step k3s attempt 1 failed, retrying in 2.0s: HTTP 503".into()
+            })
         );
         assert_eq!(
             parse_line("kiln: step argocd skipped (already in place, verified) in 0.3s"),
-            Some(Event::StepSkipped { step: "argocd".into() })
+            Some(Event::StepSkipped {
+                step: "argocd".into()
+            })
         );
-        assert!(matches!(parse_line("kiln: refusing to run: bundle sha256 mismatch"), Some(Event::DaemonFailed { .. })));
+        assert!(matches!(
+            parse_line("kiln: refusing to run: bundle sha256 mismatch"),
+            Some(Event::DaemonFailed { .. })
+        ));
         assert!(matches!(
             parse_line("kiln: status {\"steps\":[]}"),
             Some(Event::Status { .. })
