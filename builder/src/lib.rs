@@ -5,15 +5,15 @@
 //! [`validate`] (cloud-init schemas, size budgets). [`cli`] wires the subcommands.
 
 pub mod bench;
+pub mod cli;
+pub mod cmd_qemu;
 pub mod diag;
 pub mod elf;
 pub mod pipeline;
 pub mod profile;
+pub mod publish;
 pub mod render;
 pub mod resolve;
 pub mod seed;
 pub mod source;
 pub mod validate;
-pub mod cli;
-pub mod cmd_qemu;
-pub mod publish;
