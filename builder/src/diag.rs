@@ -58,6 +58,9 @@ impl SourceFile {
     }
 }
 
+/// Columns past this are labelled at the start of their line in the rendered snippet.
+const MAX_LABEL_COL: usize = 4096;
+
 /// A profile error with its place. `Display` is the one-line form used by tests and logs:
 /// `profiles/x.yaml:3:5: node.hostname: message`.
 #[derive(Debug, Diagnostic)]
@@ -98,7 +101,9 @@ impl ProfileError {
         message: impl Into<String>,
     ) -> Self {
         let message = message.into();
-        let offset = file.offset(line, col);
+        // miette pads up to the label with `{:width$}`, and Rust's formatter panics on widths
+        // above u16::MAX: on a very long line, label the line's start (line:col stay exact).
+        let offset = file.offset(line, if col > MAX_LABEL_COL { 1 } else { col });
         let len = file
             .token_len(offset)
             .min(file.text.len().saturating_sub(offset));
