@@ -39,7 +39,13 @@ fn check_position(e: &kiln::diag::ProfileError, text: &[u8]) {
         e.col
     );
     if e.file.file_name().is_some_and(|n| n == "profile.yaml") {
-        let lines = text.split(|b| *b == b'\n').count();
+        // YAML line breaks: \n, \r\n and a lone \r (found by this target: positions follow YAML).
+        let lone_cr = text
+            .windows(2)
+            .filter(|w| w[0] == b'\r' && w[1] != b'\n')
+            .count()
+            + usize::from(text.last() == Some(&b'\r'));
+        let lines = text.iter().filter(|b| **b == b'\n').count() + lone_cr + 1;
         assert!(
             e.line <= lines + 1,
             "line {} past the end ({lines}): {e}",
