@@ -44,6 +44,30 @@ fn parent_dir(path: &Path) -> &Path {
 /// new one, never a mix: temp file in the same directory, fsync, rename, fsync the directory.
 /// Parent directories are created (0755).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    replace_atomic(path, mode, |f, tmp| {
+        f.write_all(data)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
+}
+
+/// Copies `src` to `dst` with the same guarantees as [`write_atomic`], streaming (large
+/// binaries never sit in memory).
+pub fn copy_atomic(src: &Path, dst: &Path, mode: u32) -> Result<()> {
+    let mut input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    replace_atomic(dst, mode, |f, tmp| {
+        std::io::copy(&mut input, f)
+            .map(drop)
+            .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))
+    })
+}
+
+/// The one atomic replace: `fill` writes the content into a temp file beside `path` (mode set
+/// exactly, not through the umask), then fsync, rename over `path`, fsync the directory.
+fn replace_atomic(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut File, &Path) -> Result<()>,
+) -> Result<()> {
     let dir = parent_dir(path);
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = path
@@ -58,46 +82,14 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
             .mode(mode)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
-        // The mode given to open() is filtered by the umask; set it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode))
             .with_context(|| format!("chmod {}", tmp.display()))?;
-        f.write_all(data)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        fill(&mut f, &tmp)?;
         f.sync_all()
             .with_context(|| format!("fsync {}", tmp.display()))?;
     }
     fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    sync_dir(dir)
-}
-
-/// Copies `src` to `dst` with the same guarantees as [`write_atomic`], streaming (large
-/// binaries never sit in memory).
-pub fn copy_atomic(src: &Path, dst: &Path, mode: u32) -> Result<()> {
-    let dir = parent_dir(dst);
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = dst
-        .file_name()
-        .with_context(|| format!("{} has no file name", dst.display()))?;
-    let tmp = dir.join(format!(".{}.kiln-tmp", name.to_string_lossy()));
-    {
-        let mut input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.set_permissions(fs::Permissions::from_mode(mode))
-            .with_context(|| format!("chmod {}", tmp.display()))?;
-        std::io::copy(&mut input, &mut f)
-            .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("fsync {}", tmp.display()))?;
-    }
-    fs::rename(&tmp, dst)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
     sync_dir(dir)
 }
 
