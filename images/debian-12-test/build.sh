@@ -24,11 +24,15 @@ disk_size=${KILN_IMAGE_DISK_SIZE:-4G}
 # - iproute2 + systemd-networkd (DHCP on the user-mode network), e2fsprogs (fsck of root).
 # - tzdata: profiles set a timezone (cc_timezone fails the boot without /usr/share/zoneinfo).
 # - python3 also runs the K3s/Tailscale contract stand-ins in the e2e test.
+# - qemu-guest-agent: the VM chaos test (qemu/tests/chaos.rs) kills the daemon from the host
+#   through QGA's guest-exec; udev starts the agent only when the VM has the
+#   org.qemu.guest_agent.0 port, so ordinary boots carry no extra service.
 packages=(
   systemd systemd-sysv udev dbus kmod
   linux-image-amd64 initramfs-tools
   cloud-init python3 openssh-server sudo
   curl ca-certificates iproute2 e2fsprogs procps tzdata
+  qemu-guest-agent
 )
 cmdline="console=ttyS0 root=/dev/vda rw panic=-1"
 

@@ -5,6 +5,7 @@ pub mod harness;
 pub mod image;
 pub mod inspect;
 pub mod mirror;
+pub mod qga;
 pub mod qmp;
 pub mod serial;
 pub mod vm;

@@ -60,6 +60,9 @@ pub struct VmConfig {
     pub no_reboot: bool,
     /// Lift `restrict=on` (a real cloud image fetching upstream artifacts; never in tests).
     pub open_net: bool,
+    /// A QEMU guest agent port, served on this unix socket (the chaos test drives the guest
+    /// through it; images without qemu-guest-agent simply never answer).
+    pub qga_socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -79,6 +82,7 @@ impl VmConfig {
             qemu_log: workdir.join("qemu.log"),
             no_reboot: true,
             open_net: false,
+            qga_socket: None,
         }
     }
 
@@ -147,6 +151,16 @@ impl VmConfig {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", self.qmp_socket.display()),
         ]);
+        if let Some(qga) = &self.qga_socket {
+            a.extend([
+                "-chardev".into(),
+                format!("socket,path={},server=on,wait=off,id=qga0", qga.display()),
+                "-device".into(),
+                "virtio-serial".into(),
+                "-device".into(),
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+            ]);
+        }
         if let Boot::DirectKernel {
             kernel,
             initrd,
@@ -193,6 +207,9 @@ impl Vm {
         // The serial log is per boot: a stale one would feed old milestones to the follower.
         let _ = fs::remove_file(&config.serial_log);
         let _ = fs::remove_file(&config.qmp_socket);
+        if let Some(qga) = &config.qga_socket {
+            let _ = fs::remove_file(qga);
+        }
         fs::write(&config.serial_log, b"")
             .with_context(|| format!("creating {}", config.serial_log.display()))?;
         if config.mirror_port.is_some() {
