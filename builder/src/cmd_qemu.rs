@@ -68,6 +68,14 @@ pub struct VmArgs {
     /// Without it the guest reaches only the mirror.
     #[arg(long)]
     pub open_net: bool,
+    /// Forward one more guest address to a loopback port, `GUEST_IP:GUEST_PORT=LOOPBACK_PORT`
+    /// (e.g. `10.0.2.101:80=41234` for a test's Tailscale API stand-in). Repeatable.
+    #[arg(long = "guestfwd", value_name = "GUEST_IP:PORT=LOOPBACK_PORT")]
+    pub guestfwds: Vec<kiln_qemu::vm::GuestFwd>,
+    /// Boot the seed with this cloud-init instance id instead of the built one; the
+    /// user-data stays byte-identical (a re-created VM with the same payload: a rebuild).
+    #[arg(long)]
+    pub instance_id: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +144,29 @@ fn cmd_accel() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The seed to boot: built by [`build_seed`], or `--seed`; with `--instance-id`, a copy with
+/// that instance id (the same user-data bytes) under `<outdir>/seed/`.
+fn boot_seed(vm: &VmArgs) -> Result<PathBuf> {
+    let seed = build_seed(vm)?;
+    let Some(id) = &vm.instance_id else {
+        return Ok(seed);
+    };
+    let img = std::fs::read(&seed).with_context(|| format!("reading {}", seed.display()))?;
+    let epoch = crate::render::source_date_epoch()?;
+    let again = crate::seed::with_instance_id(&img, id, epoch)
+        .with_context(|| format!("re-making {} with instance id {id}", seed.display()))?;
+    let dir = vm.outdir.join("seed");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = dir.join("seed.img");
+    std::fs::write(&out, again).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "kiln qemu: seed {} with instance id {id} (same user-data as {})",
+        out.display(),
+        seed.display()
+    );
+    Ok(out)
+}
+
 /// Builds the seed with this same binary's `kiln build` (inline delivery comes from the profile).
 fn build_seed(vm: &VmArgs) -> Result<PathBuf> {
     if let Some(seed) = &vm.seed {
@@ -193,11 +224,12 @@ fn session(
     s.memory_mib = vm.memory_mib;
     s.smp = vm.smp;
     s.open_net = vm.open_net;
+    s.extra_guestfwds = vm.guestfwds.clone();
     Ok(s)
 }
 
 fn cmd_run(vm: VmArgs) -> Result<ExitCode> {
-    let seed = build_seed(&vm)?;
+    let seed = boot_seed(&vm)?;
     let img = image::resolve(&vm.image)?;
     std::fs::create_dir_all(&vm.outdir)?;
     let choice = choose_accel(&img, &vm.outdir)?;
@@ -241,7 +273,7 @@ fn floor_seed(dir: &Path) -> Result<Option<PathBuf>> {
 
 fn cmd_test(args: TestArgs) -> Result<ExitCode> {
     let vm = &args.vm;
-    let seed = build_seed(vm)?;
+    let seed = boot_seed(vm)?;
     let img = image::resolve(&vm.image)?;
     std::fs::create_dir_all(&vm.outdir)?;
     let choice = choose_accel(&img, &vm.outdir)?;
@@ -404,6 +436,7 @@ mod tests {
                     .collect(),
             },
             seconds: 1.0,
+            started_unix: 0.0,
             mirror_requests: requests.iter().map(|s| s.to_string()).collect(),
             guest: None,
         }

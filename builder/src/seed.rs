@@ -97,19 +97,27 @@ fn try_build(
 
 /// Builds `seed.img`, growing the volume until both files fit.
 pub fn build(user_data: &[u8], meta_data: &[u8], epoch: u64) -> Result<Vec<u8>> {
-    let mut hash_input = user_data.to_vec();
-    hash_input.extend_from_slice(meta_data);
+    build_files(&[("meta-data", meta_data), ("user-data", user_data)], epoch)
+}
+
+/// A `CIDATA` volume holding `files` in the root directory (the bake seed also carries the
+/// bundle tarball next to user-data and meta-data), grown until they fit. The volume id comes
+/// from the contents, in order.
+pub fn build_files(files: &[(&str, &[u8])], epoch: u64) -> Result<Vec<u8>> {
+    let mut hash_input = Vec::new();
+    for (_, data) in files.iter().rev() {
+        hash_input.extend_from_slice(data);
+    }
     let digest = Sha256::digest(&hash_input);
     let volume_id = u32::from_le_bytes(digest.as_bytes()[..4].try_into().expect("4 bytes"));
     // One leaked 16-byte value per build: fatfs wants a 'static time provider.
     let time: &'static FixedTime = Box::leak(Box::new(FixedTime(fat_time(epoch))));
-    let files = [("meta-data", meta_data), ("user-data", user_data)];
-    let data = (user_data.len() + meta_data.len()) as u64;
+    let data: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
     let mut sectors =
         (MIN_SECTORS as u64).max(data.div_ceil(512) + data.div_ceil(512) / 64 + 12) as u32;
     let mut last_err = None;
     for _ in 0..40 {
-        match try_build(sectors, &files, volume_id, time) {
+        match try_build(sectors, files, volume_id, time) {
             Ok(img) => return Ok(img),
             Err(e) => last_err = Some(e),
         }
@@ -124,6 +132,57 @@ pub fn build(user_data: &[u8], meta_data: &[u8], epoch: u64) -> Result<Vec<u8>> 
         }
         None => bail!("seed too large"),
     }
+}
+
+/// The `user-data` and `meta-data` of a seed volume.
+pub fn read(img: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+    use std::io::Read;
+    let fs =
+        FileSystem::new(Cursor::new(img.to_vec()), FsOptions::new()).context("reading the seed")?;
+    let root = fs.root_dir();
+    let get = |name: &str| -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        root.open_file(name)
+            .with_context(|| format!("the seed has no {name}"))?
+            .read_to_end(&mut out)
+            .with_context(|| format!("reading {name} from the seed"))?;
+        Ok(out)
+    };
+    Ok((get("user-data")?, get("meta-data")?))
+}
+
+/// A copy of the seed `img` whose meta-data carries instance id `id`; user-data keeps its exact
+/// bytes (a rebuilt VM: same payload, new instance).
+pub fn with_instance_id(img: &[u8], id: &str, epoch: u64) -> Result<Vec<u8>> {
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!("instance id {id:?}: use letters, digits, '-', '_' and '.' only");
+    }
+    let (user_data, meta_data) = read(img)?;
+    let text = String::from_utf8(meta_data).context("meta-data is not UTF-8")?;
+    let mut found = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("instance-id:") {
+                found = true;
+                format!("instance-id: {id}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    if !found {
+        bail!("the seed's meta-data has no instance-id line");
+    }
+    let mut meta = lines.join("\n");
+    if text.ends_with('\n') {
+        meta.push('\n');
+    }
+    build(&user_data, meta.as_bytes(), epoch)
 }
 
 #[cfg(test)]
@@ -163,5 +222,43 @@ mod tests {
             .read_to_string(&mut s)
             .unwrap();
         assert_eq!(s, "#cloud-config\n");
+    }
+
+    #[test]
+    fn a_new_instance_id_keeps_the_user_data_bytes() {
+        let user_data = b"#cloud-config\nruncmd: [true]\n";
+        let img = build(user_data, b"instance-id: kiln-abc\nlocal-hostname: n\n", 0).unwrap();
+        let again = with_instance_id(&img, "rebuild-2", 0).unwrap();
+        let (u, m) = read(&again).unwrap();
+        assert_eq!(u, user_data);
+        assert_eq!(m, b"instance-id: rebuild-2\nlocal-hostname: n\n");
+        assert_eq!(read(&img).unwrap().0, u);
+        assert!(with_instance_id(&img, "bad id", 0).is_err());
+        let no_id = build(user_data, b"local-hostname: n\n", 0).unwrap();
+        assert!(with_instance_id(&no_id, "x", 0).is_err());
+    }
+
+    #[test]
+    fn extra_files_fit_next_to_the_cloud_config() {
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let img = build_files(
+            &[
+                ("meta-data", b"instance-id: b\n"),
+                ("user-data", b"#cloud-config\n"),
+                ("bundle.tar.gz", &big),
+            ],
+            0,
+        )
+        .unwrap();
+        let fs = FileSystem::new(Cursor::new(img), FsOptions::new()).unwrap();
+        assert_eq!(fs.volume_label(), "CIDATA");
+        let mut got = Vec::new();
+        use std::io::Read;
+        fs.root_dir()
+            .open_file("bundle.tar.gz")
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got, big);
     }
 }

@@ -12,7 +12,7 @@ use crate::accel::AccelChoice;
 use crate::image::{BaseImage, Boot};
 use crate::inspect::{GuestDisk, GuestStat};
 use crate::serial::{Event, Follower, Timeline};
-use crate::vm::{create_overlay, Vm, VmConfig};
+use crate::vm::{create_overlay, GuestFwd, Vm, VmConfig};
 
 /// What the harness needs from the loopback artifact mirror.
 pub trait MirrorLog {
@@ -73,6 +73,9 @@ pub struct BootReport {
     pub timeline: Timeline,
     /// Host seconds from QEMU start to the verdict.
     pub seconds: f64,
+    /// Host wall clock at QEMU start (Unix seconds): puts the timeline on the same clock as
+    /// host-side logs (e.g. a test's API stand-in).
+    pub started_unix: f64,
     /// Mirror requests made during this boot.
     pub mirror_requests: Vec<String>,
     pub guest: Option<GuestReport>,
@@ -121,6 +124,8 @@ pub struct Session {
     pub smp: u32,
     pub no_reboot: bool,
     pub open_net: bool,
+    /// Guest addresses forwarded to loopback ports besides the mirror (see [`VmConfig`]).
+    pub extra_guestfwds: Vec<GuestFwd>,
     /// Copy the serial console to stderr as it arrives.
     pub echo: bool,
     pub boots: u32,
@@ -149,6 +154,7 @@ impl Session {
             smp: 2,
             no_reboot: true,
             open_net: false,
+            extra_guestfwds: Vec::new(),
             echo: false,
             boots: 0,
         })
@@ -167,6 +173,7 @@ impl Session {
         cfg.smp = self.smp;
         cfg.no_reboot = self.no_reboot;
         cfg.open_net = self.open_net;
+        cfg.extra_guestfwds = self.extra_guestfwds.clone();
         cfg
     }
 
@@ -182,6 +189,10 @@ impl Session {
         let bootdir = self.outdir.join(format!("boot-{n}"));
         fs::create_dir_all(&bootdir).with_context(|| format!("creating {}", bootdir.display()))?;
         let requests_before = mirror.map(|m| m.requests().len()).unwrap_or(0);
+        let started_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         let mut vm = Vm::start(self.vm_config(&bootdir, mirror.map(|m| m.port())))?;
         let echo: Option<Box<dyn std::io::Write + Send>> = if self.echo {
             Some(Box::new(std::io::stderr()))
@@ -215,6 +226,7 @@ impl Session {
                 events: follower.events,
             },
             seconds,
+            started_unix,
             mirror_requests,
             guest,
         };

@@ -1,6 +1,7 @@
 //! QEMU glue: base images, accelerator probe, VM runner with QMP, serial-console timeline,
 //! guest disk reader, and the harness behind `kiln qemu` and the end-to-end tests.
 pub mod accel;
+pub mod fake_tailscale_api;
 pub mod harness;
 pub mod image;
 pub mod inspect;

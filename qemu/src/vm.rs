@@ -38,6 +38,33 @@ while True:
     os.write(1, b)
 "#;
 
+/// A guest TCP address forwarded to a port on the host's 127.0.0.1 (never anywhere else).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestFwd {
+    pub guest_addr: std::net::Ipv4Addr,
+    pub guest_port: u16,
+    pub host_port: u16,
+}
+
+impl std::str::FromStr for GuestFwd {
+    type Err = anyhow::Error;
+    /// `GUEST_IP:GUEST_PORT=HOST_PORT`, e.g. `10.0.2.101:80=41234` (the host side is loopback).
+    fn from_str(s: &str) -> Result<Self> {
+        let parse = || -> Option<GuestFwd> {
+            let (guest, host) = s.split_once('=')?;
+            let (ip, port) = guest.split_once(':')?;
+            Some(GuestFwd {
+                guest_addr: ip.parse().ok()?,
+                guest_port: port.parse().ok()?,
+                host_port: host.parse().ok()?,
+            })
+        };
+        parse().with_context(|| {
+            format!("guestfwd {s:?}: expected GUEST_IP:GUEST_PORT=LOOPBACK_PORT, e.g. 10.0.2.101:80=41234")
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub qemu: PathBuf,
@@ -51,6 +78,8 @@ pub struct VmConfig {
     pub seed: Option<PathBuf>,
     /// Loopback port the guest's `10.0.2.100:80` is forwarded to.
     pub mirror_port: Option<u16>,
+    /// More guest services on loopback (e.g. a test's API stand-in), same relay as the mirror.
+    pub extra_guestfwds: Vec<GuestFwd>,
     pub serial_log: PathBuf,
     pub qmp_socket: PathBuf,
     /// QEMU's own stderr.
@@ -77,6 +106,7 @@ impl VmConfig {
             boot,
             seed: None,
             mirror_port: None,
+            extra_guestfwds: Vec::new(),
             serial_log: workdir.join("serial.log"),
             qmp_socket: workdir.join("qmp.sock"),
             qemu_log: workdir.join("qemu.log"),
@@ -132,6 +162,15 @@ impl VmConfig {
             netdev.push_str(&format!(
                 ",guestfwd=tcp:{GUEST_MIRROR_ADDR}:80-cmd:python3 {} {port}",
                 self.relay_script().display()
+            ));
+        }
+        for f in &self.extra_guestfwds {
+            netdev.push_str(&format!(
+                ",guestfwd=tcp:{}:{}-cmd:python3 {} {}",
+                f.guest_addr,
+                f.guest_port,
+                self.relay_script().display(),
+                f.host_port
             ));
         }
         a.extend([
@@ -212,7 +251,7 @@ impl Vm {
         }
         fs::write(&config.serial_log, b"")
             .with_context(|| format!("creating {}", config.serial_log.display()))?;
-        if config.mirror_port.is_some() {
+        if config.mirror_port.is_some() || !config.extra_guestfwds.is_empty() {
             let relay = config.relay_script();
             if relay.to_string_lossy().contains([',', ' ']) {
                 bail!(
@@ -297,6 +336,35 @@ impl Drop for Vm {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_guestfwds_relay_to_loopback_ports_and_keep_the_network_restricted() {
+        let dir = Path::new("/var/tmp/kiln-vm");
+        let mut cfg = VmConfig::new(Accel::Tcg, dir.join("d.qcow2"), Boot::Firmware, dir);
+        cfg.mirror_port = Some(8000);
+        cfg.extra_guestfwds = vec!["10.0.2.101:80=9000".parse().unwrap()];
+        let args = cfg.args();
+        let netdev = &args[args.iter().position(|a| a == "-netdev").unwrap() + 1];
+        assert_eq!(
+            netdev,
+            "user,id=n0,restrict=on\
+             ,guestfwd=tcp:10.0.2.100:80-cmd:python3 /var/tmp/kiln-vm/guestfwd-relay.py 8000\
+             ,guestfwd=tcp:10.0.2.101:80-cmd:python3 /var/tmp/kiln-vm/guestfwd-relay.py 9000"
+        );
+        for bad in [
+            "10.0.2.101:80",
+            "host:80=1",
+            "10.0.2.101=9000",
+            "10.0.2.101:80=x",
+        ] {
+            assert!(bad.parse::<GuestFwd>().is_err(), "{bad}");
         }
     }
 }
