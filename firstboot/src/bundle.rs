@@ -121,10 +121,19 @@ pub fn verify(root: &Root, plan_bytes: &[u8]) -> Result<BundleCheck> {
             Sha256::digest(&bp)
         );
     }
-    // The tarball and its pin, when both are still on disk.
+    // The pin (written by cloud-init from the payload) is what makes SHA256SUMS trustworthy:
+    // whoever can edit a bundle file can rewrite SHA256SUMS too. So with a pin on the node, the
+    // pinned tarball must still be there and its own SHA256SUMS must equal the unpacked one.
     let pin_path = root.path(paths::BUNDLE_PIN);
     let tar_path = root.path(paths::BUNDLE_TARBALL);
-    if pin_path.exists() && tar_path.exists() {
+    if pin_path.exists() && !tar_path.exists() {
+        bail!(
+            "bundle tampered: {} is missing, so the unpacked bundle cannot be checked against the pin in {}",
+            tar_path.display(),
+            pin_path.display()
+        );
+    }
+    if pin_path.exists() {
         let pin_text = std::fs::read_to_string(&pin_path)
             .with_context(|| format!("reading {}", pin_path.display()))?;
         let pin: Sha256 = pin_text
@@ -141,8 +150,43 @@ pub fn verify(root: &Root, plan_bytes: &[u8]) -> Result<BundleCheck> {
                 pin_path.display()
             );
         }
+        let pinned = sums_in_tarball(&tar_path)?;
+        if pinned != text.as_bytes() {
+            bail!(
+                "bundle tampered: {} differs from the SHA256SUMS inside the pinned {}",
+                sums_path.display(),
+                tar_path.display()
+            );
+        }
     }
     Ok(BundleCheck::Verified { files: sums.len() })
+}
+
+/// The `SHA256SUMS` member of the (already pin-verified) bundle tarball.
+fn sums_in_tarball(tar_path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f =
+        std::fs::File::open(tar_path).with_context(|| format!("opening {}", tar_path.display()))?;
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    for entry in ar
+        .entries()
+        .with_context(|| format!("reading {}", tar_path.display()))?
+    {
+        let mut entry = entry.with_context(|| format!("reading {}", tar_path.display()))?;
+        let path = entry.path()?.into_owned();
+        let name = path.strip_prefix(".").unwrap_or(&path);
+        if name == Path::new("SHA256SUMS") {
+            let mut buf = Vec::new();
+            entry
+                .read_to_end(&mut buf)
+                .with_context(|| format!("reading SHA256SUMS in {}", tar_path.display()))?;
+            return Ok(buf);
+        }
+    }
+    bail!(
+        "bundle tampered: the pinned {} has no SHA256SUMS",
+        tar_path.display()
+    )
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Tampering on the node, against the real daemon binary: the unpacked release bundle (laid
 //! out exactly as the builder writes it: daemon, unit, plan.json, manifests/, SHA256SUMS), the
 //! node's plan and the kept tarball with its pin. Every tampered variant (changed byte,
-//! swapped files, extra file, symlink, missing file, unsafe SHA256SUMS path, edited tarball) is
+//! swapped files, extra file, symlink, missing file, unsafe SHA256SUMS path, edited tarball, an
+//! edited file with SHA256SUMS rewritten to match, the pinned tarball deleted) is
 //! refused with exit 2 before any step runs: nothing is written outside /run/kiln (status).
 //! The intact control case passes the check and starts the first step, so the refusals are the
 //! tamper check's doing. (The in-process engine test covers one changed manifest byte and a
@@ -122,13 +123,25 @@ fn node() -> Node {
         n.write(&n.bundle(&format!("manifests/{}", m.file)), &m.bytes);
     }
     n.resum();
-    let tarball = b"the bundle tarball the pin was computed over".to_vec();
+    let tarball = pack(&n.path(paths::BUNDLE_DIR));
     n.write(&n.path(paths::BUNDLE_TARBALL), &tarball);
     n.write(
         &n.path(paths::BUNDLE_PIN),
         format!("{}\n", Sha256::digest(&tarball)).as_bytes(),
     );
     n
+}
+
+/// The unpacked bundle packed back into a tar.gz, the way the bootstrap found it.
+fn pack(dir: &Path) -> Vec<u8> {
+    let mut names = Vec::new();
+    walk(dir, "", &mut names);
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for n in names {
+        tar.append_path_with_name(dir.join(&n), &n).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
 }
 
 fn manifest_names(n: &Node) -> Vec<String> {
@@ -242,6 +255,24 @@ fn cases() -> Vec<Case> {
             "kept tarball changed",
             |n| flip_byte(&n.path(paths::BUNDLE_TARBALL)),
             "pin",
+        ),
+        (
+            "daemon edited and SHA256SUMS rewritten to match",
+            |n| {
+                flip_byte(&n.bundle("kiln-firstboot"));
+                n.resum();
+            },
+            "differs from the SHA256SUMS inside the pinned",
+        ),
+        (
+            "manifest edited, SHA256SUMS rewritten, tarball deleted",
+            |n| {
+                let name = &manifest_names(n)[0];
+                flip_byte(&n.bundle(&format!("manifests/{name}")));
+                n.resum();
+                std::fs::remove_file(n.path(paths::BUNDLE_TARBALL)).unwrap();
+            },
+            "is missing, so the unpacked bundle cannot be checked",
         ),
     ]
 }
