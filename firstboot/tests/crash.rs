@@ -309,13 +309,17 @@ fn secret_canaries_appear_in_no_output_status_journal_or_world_readable_file() {
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
+    // Collects until the daemon has exited and the socket is drained: a fixed idle window
+    // would end early on a loaded machine where one step is silent for a while.
+    let exited = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let exited_c = exited.clone();
     let collector = std::thread::spawn(move || {
         let mut msgs = Vec::new();
         let mut buf = vec![0u8; 4096];
         let mut idle = 0;
         // Passed fds (the barrier's pipe) are closed by the kernel because we don't take
         // them, which is what releases the daemon's barrier wait.
-        while idle < 150 {
+        while !(exited_c.load(std::sync::atomic::Ordering::SeqCst) && idle >= 5) {
             match sock.recv(&mut buf) {
                 Ok(n) => {
                     idle = 0;
@@ -339,6 +343,7 @@ fn secret_canaries_appear_in_no_output_status_journal_or_world_readable_file() {
         .env("NOTIFY_SOCKET", &sock_path)
         .output()
         .unwrap();
+    exited.store(true, std::sync::atomic::Ordering::SeqCst);
     let (ok, out, err) = (
         first.status.success(),
         String::from_utf8_lossy(&first.stdout).into_owned(),
