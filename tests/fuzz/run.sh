@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzz kiln's parsers of untrusted input with cargo-fuzz (libFuzzer). See docs/reliability.md.
 #
-#   tests/fuzz/run.sh --smoke          # CI: 25 s per target (KILN_FUZZ_SMOKE_SECS overrides)
+#   tests/fuzz/run.sh --smoke          # CI: 25 s per target (KILN_FUZZ_SMOKE_SECS overrides), dev build
 #   tests/fuzz/run.sh                  # long run: 600 s (10 min) per target (KILN_FUZZ_SECS overrides)
 #   tests/fuzz/run.sh [--smoke] plan   # only the named targets (profile, plan, journal_status)
 #
@@ -17,8 +17,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 
 secs=${KILN_FUZZ_SECS:-600}
+# The long run fuzzes optimized code (more inputs per second); the smoke run builds the dev
+# profile, which compiles several times faster and keeps overflow checks and debug assertions.
+build_profile=(-O)
 if [ "${1:-}" = "--smoke" ]; then
   secs=${KILN_FUZZ_SMOKE_SECS:-25}
+  build_profile=(--dev)
   shift
 fi
 targets=("$@")
@@ -31,13 +35,16 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 tdir=${CARGO_TARGET_DIR:-$repo/target}/fuzz
+# Where the instrumented build goes: KILN_FUZZ_BUILD_DIR lets CI keep it in a cache across
+# runs (it shares nothing with the normal build: every crate is compiled with coverage flags).
+bdir=${KILN_FUZZ_BUILD_DIR:-$tdir}
 work=$tdir/work
 summary=$tdir/fuzz-summary.txt
 mkdir -p "$work"
 : >"$summary"
 
 cd "$here"
-cargo fuzz build --fuzz-dir "$here" -O -s "$sanitizer" --target-dir "$tdir"
+cargo fuzz build --fuzz-dir "$here" "${build_profile[@]}" -s "$sanitizer" --target-dir "$bdir"
 
 failed=0
 for t in "${targets[@]}"; do
@@ -47,7 +54,7 @@ for t in "${targets[@]}"; do
   log=$work/$t.log
   echo "== fuzz $t: ${secs}s (seeds: tests/fuzz/seeds/$t)"
   set +e
-  cargo fuzz run --fuzz-dir "$here" -O -s "$sanitizer" --target-dir "$tdir" "$t" "$corpus" "$here/seeds/$t" -- \
+  cargo fuzz run --fuzz-dir "$here" "${build_profile[@]}" -s "$sanitizer" --target-dir "$bdir" "$t" "$corpus" "$here/seeds/$t" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
     -artifact_prefix="$artifacts/" -print_final_stats=1 >"$log" 2>&1
   rc=$?
