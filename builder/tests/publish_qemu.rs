@@ -12,21 +12,14 @@ use azure_core::time::OffsetDateTime;
 use kiln::publish::{self, RetrySettings};
 use kiln::render;
 use kiln_qemu::harness::{MirrorLog, Outcome, Session, WaitFor};
+use kiln_qemu::testkit::{make_mirror, repo, vm_tests};
 use kiln_qemu::{accel, image, mirror::Mirror};
 use publish_support::*;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// The guest's single way out (guestfwd → this port) in front of two loopback services: requests
 /// for the storage account's path go to Azurite, everything else to the artifact mirror. Routing
@@ -101,15 +94,12 @@ impl MirrorLog for Router {
 
 #[test]
 fn url_mode_vm_fetches_the_bundle_from_azurite_and_provisions_the_node() {
-    if std::env::var("KILN_VM_TESTS").as_deref() != Ok("1") {
-        eprintln!("SKIPPED url-mode VM e2e: set KILN_VM_TESTS=1 (and KILN_FIRSTBOOT) to boot VMs");
+    let Some(firstboot) = vm_tests("url-mode VM e2e") else {
         return;
-    }
+    };
     let Some(azurite_bin) = azurite_or_skip("url_mode_vm_e2e") else {
         return;
     };
-    let firstboot = std::env::var("KILN_FIRSTBOOT")
-        .expect("KILN_FIRSTBOOT must name the static kiln-firstboot binary");
     let daemon = kiln::elf::load_daemon(Path::new(&firstboot)).unwrap();
     let work = tempfile::Builder::new()
         .prefix("kiln-publish-e2e")
@@ -119,16 +109,7 @@ fn url_mode_vm_fetches_the_bundle_from_azurite_and_provisions_the_node() {
 
     // Loopback services: the stand-in artifact mirror and Azurite, behind one router.
     let mirror_dir = w.join("mirror");
-    let st = Command::new("python3")
-        .arg(repo().join("tests/standins/make-mirror.py"))
-        .arg(&mirror_dir)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "make-mirror.py: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    make_mirror(&mirror_dir);
     let mirror = Mirror::start(&mirror_dir).unwrap();
     let azurite = Azurite::start(&azurite_bin);
     let router = Router::start(azurite.port, mirror.port());

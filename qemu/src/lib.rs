@@ -9,4 +9,5 @@ pub mod mirror;
 pub mod qga;
 pub mod qmp;
 pub mod serial;
+pub mod testkit;
 pub mod vm;

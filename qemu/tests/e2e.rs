@@ -10,36 +10,12 @@
 //! Runs only with KILN_VM_TESTS=1 (the lead's .ci/run sets it) and needs KILN_FIRSTBOOT = the
 //! static daemon. About 10 minutes under TCG on 2 cores.
 
-use std::path::{Path, PathBuf};
+use kiln_qemu::testkit::{
+    build_profile, files_under, kiln_bin, make_mirror, publish_bundle, read_json, repo, vm_tests,
+    work_dir,
+};
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The `kiln` binary: $KILN_BIN, else the one `cargo test --workspace` builds next to this
-/// test's own directory (target/<profile>/kiln). Building it from here would deadlock on the
-/// build-directory lock cargo holds while tests run.
-fn kiln_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let candidate = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("kiln"))
-        .unwrap();
-    assert!(
-        candidate.is_file(),
-        "no kiln binary at {}: run `cargo build -p kiln` first or set KILN_BIN",
-        candidate.display()
-    );
-    candidate
-}
 
 fn run_kiln_qemu_test(kiln: &Path, args: &[&str]) -> (Output, String) {
     let out = Command::new(kiln)
@@ -58,61 +34,18 @@ fn run_kiln_qemu_test(kiln: &Path, args: &[&str]) -> (Output, String) {
     (out, text)
 }
 
-fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
-}
-
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[test]
 fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
-    if std::env::var("KILN_VM_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set KILN_VM_TESTS=1 (and KILN_FIRSTBOOT) to boot VMs (.ci/run does)");
+    let Some(firstboot) = vm_tests("qemu e2e") else {
         return;
-    }
-    let firstboot = std::env::var("KILN_FIRSTBOOT")
-        .expect("KILN_FIRSTBOOT must name the static kiln-firstboot binary");
-    let kiln = kiln_bin();
-    let work = tempfile::Builder::new()
-        .prefix("kiln-e2e")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let keep = std::env::var_os("KILN_E2E_KEEP").is_some();
-    let w = if keep {
-        work.keep()
-    } else {
-        work.path().to_path_buf()
     };
-    eprintln!("e2e work dir: {}", w.display());
+    let kiln = kiln_bin();
+    let work = work_dir("kiln-e2e");
+    let w = &work.path;
 
     // The stand-in mirror, built by the steps' own tool.
     let mirror = w.join("mirror");
-    let st = Command::new("python3")
-        .arg(repo().join("tests/standins/make-mirror.py"))
-        .arg(&mirror)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "make-mirror.py: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    make_mirror(&mirror);
 
     // First, as it is the short boot: a mirror serving a corrupted K3s binary. The daemon
     // refuses it and kiln qemu test fails with the daemon's error in its output. This boot uses
@@ -132,26 +65,12 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     bytes[mid] ^= 0xff;
     std::fs::write(&k3s, bytes).unwrap();
     let build_url = w.join("build-url");
-    let st = Command::new(&kiln)
-        .current_dir(repo())
-        .args([
-            "build",
-            "qemu/tests/profiles/qemu-local-url.yaml",
-            "--firstboot",
-            &firstboot,
-            "-o",
-        ])
-        .arg(&build_url)
-        .status()
-        .unwrap();
-    assert!(st.success(), "kiln build (url delivery) failed");
-    let bundle = std::fs::read(build_url.join("bundle.tar.gz")).unwrap();
-    let sha = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&bundle))
-    };
-    std::fs::create_dir_all(bad.join("bundles")).unwrap();
-    std::fs::write(bad.join(format!("bundles/bundle-{sha}.tar.gz")), &bundle).unwrap();
+    build_profile(
+        "qemu/tests/profiles/qemu-local-url.yaml",
+        &firstboot,
+        &build_url,
+    );
+    let sha = publish_bundle(&build_url, &bad);
     let seed = build_url.join("seed.img");
     let run_bad = w.join("run-bad");
     let (out, text) = run_kiln_qemu_test(

@@ -1,0 +1,162 @@
+//! What the VM tests of every package share: finding the repo, the built `kiln` binary and the
+//! target dir, the switch that turns VM tests on, a kept-or-temporary work dir, the stand-in
+//! artifact mirror, building a profile, and putting its bundle where url delivery fetches it.
+//! (Test support: nothing in the product calls it.)
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::Digest;
+
+/// The repository root (this crate lives in `qemu/`).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("qemu/ has a parent")
+        .to_path_buf()
+}
+
+/// `$CARGO_TARGET_DIR`, else the target dir the running test binary was built into
+/// (`<target>/<profile>/deps/<test>-<hash>`).
+pub fn target_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
+        let d = PathBuf::from(d);
+        return if d.is_absolute() { d } else { repo().join(d) };
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors()
+        .nth(3)
+        .expect("test binary inside a target dir")
+        .to_path_buf()
+}
+
+/// The `kiln` binary: `$KILN_BIN`, else the one `cargo test --workspace` builds next to the
+/// running test's directory (`<target>/<profile>/kiln`). Building it from a test would
+/// deadlock on the build-directory lock cargo holds while tests run.
+pub fn kiln_bin() -> PathBuf {
+    let bin = std::env::var_os("KILN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("test binary inside a target dir")
+                .join("kiln")
+        });
+    assert!(
+        bin.is_file(),
+        "no kiln binary at {}: run `cargo build -p kiln` first or set KILN_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// The static daemon for VM tests when `KILN_VM_TESTS=1`, else `None` after saying why the
+/// test is skipped (so a plain `cargo test` stays fast and says what it left out).
+pub fn vm_tests(test: &str) -> Option<String> {
+    if std::env::var("KILN_VM_TESTS").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIPPED {test}: set KILN_VM_TESTS=1 (and KILN_FIRSTBOOT) to boot VMs (.ci/run does)"
+        );
+        return None;
+    }
+    Some(
+        std::env::var("KILN_FIRSTBOOT")
+            .expect("KILN_FIRSTBOOT must name the static kiln-firstboot binary"),
+    )
+}
+
+/// A work dir under /var/tmp (VM disks are large): removed when the guard drops, unless
+/// `KILN_E2E_KEEP` is set, for looking at a failed run.
+pub struct WorkDir {
+    _guard: Option<tempfile::TempDir>,
+    pub path: PathBuf,
+}
+
+pub fn work_dir(prefix: &str) -> WorkDir {
+    let t = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .expect("temp dir in /var/tmp");
+    let w = if std::env::var_os("KILN_E2E_KEEP").is_some() {
+        WorkDir {
+            path: t.keep(),
+            _guard: None,
+        }
+    } else {
+        WorkDir {
+            path: t.path().to_path_buf(),
+            _guard: Some(t),
+        }
+    };
+    eprintln!("{prefix} work dir: {}", w.path.display());
+    w
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+pub fn read_json(p: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Every regular file under `dir`, recursively (symlinks are not followed).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(files_under(&p)),
+            Ok(t) if t.is_file() => out.push(p),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The contract stand-ins' artifact mirror, built into `dir` by the steps' own tool.
+pub fn make_mirror(dir: &Path) {
+    let out = Command::new("python3")
+        .arg(repo().join("tests/standins/make-mirror.py"))
+        .arg(dir)
+        .output()
+        .expect("running python3 tests/standins/make-mirror.py");
+    assert!(
+        out.status.success(),
+        "make-mirror.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `kiln build PROFILE --firstboot DAEMON -o OUT` from the repo root; panics with kiln's
+/// output when it fails.
+pub fn build_profile(profile: &str, firstboot: &str, out: &Path) {
+    let o = Command::new(kiln_bin())
+        .current_dir(repo())
+        .args(["build", profile, "--firstboot", firstboot, "-o"])
+        .arg(out)
+        .output()
+        .expect("running kiln build");
+    assert!(
+        o.status.success(),
+        "kiln build {profile}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Puts `build/bundle.tar.gz` where the url-delivery test profiles fetch it from the mirror
+/// (`bundles/bundle-<sha256>.tar.gz`); returns the sha256.
+pub fn publish_bundle(build: &Path, mirror: &Path) -> String {
+    let bundle = std::fs::read(build.join("bundle.tar.gz")).expect("build/bundle.tar.gz");
+    let sha = sha256_hex(&bundle);
+    let dir = mirror.join("bundles");
+    std::fs::create_dir_all(&dir).expect("mirror bundles dir");
+    std::fs::write(dir.join(format!("bundle-{sha}.tar.gz")), &bundle).expect("writing bundle");
+    sha
+}
