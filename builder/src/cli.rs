@@ -33,6 +33,8 @@ pub enum Command {
     Bench(bench::Args),
     /// Boot a profile's payload in a local QEMU VM.
     Qemu(cmd_qemu::Args),
+    /// Bake a base image with the profile's daemon and pinned artifacts pre-staged: qcow2 + fixed VHD.
+    Bake(crate::bake::Args),
     /// Upload the bundle to Azure Blob Storage and write the url-mode payload.
     Publish(crate::publish::Args),
     /// Azure helpers: `kiln azure terraform PROFILE`.
@@ -63,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Plan(a) => report(run_plan(&a)),
         Command::Bench(a) => report(bench::run(&a).map_err(BuildError::Other)),
         Command::Qemu(a) => cmd_qemu::run(a),
+        Command::Bake(a) => report(crate::bake::run(&a)),
         Command::Publish(a) => report(crate::publish::run(&a)),
         Command::Azure(a) => report(crate::publish::run_azure(&a)),
     }

@@ -4,6 +4,7 @@
 //! secrets → [`kiln_plan::Plan`]) → [`render`] (cloud-config, bundle, seed, build.json) →
 //! [`validate`] (cloud-init schemas, size budgets). [`cli`] wires the subcommands.
 
+pub mod bake;
 pub mod bench;
 pub mod cli;
 pub mod cmd_qemu;

@@ -1,4 +1,5 @@
-//! Command line: `kiln-firstboot run` (what the unit starts) and `kiln-firstboot status`.
+//! Command line: `kiln-firstboot run` (what the unit starts), `kiln-firstboot status`, and
+//! `kiln-firstboot stage` (what `kiln bake` runs inside the image it bakes).
 
 use crate::engine::{self, Outcome, RunOptions};
 use crate::fs::Root;
@@ -26,6 +27,17 @@ pub enum Command {
     Run(RunArgs),
     /// Show the daemon's live status (from /run/kiln/status.json).
     Status(StatusArgs),
+    /// Fetch every pinned artifact of the plan into the verified cache and exit (no step runs).
+    Stage(StageArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StageArgs {
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// Read the plan from PATH instead of /etc/kiln/plan.json under the root.
+    #[arg(long, value_name = "PATH")]
+    pub plan: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -54,6 +66,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run(a),
+        Command::Stage(a) => stage(a),
         Command::Status(a) => match status(a) {
             Ok(code) => code,
             Err(e) => {
@@ -125,6 +138,23 @@ pub fn run(a: RunArgs) -> ExitCode {
         crate::systemd::notify_barrier(std::time::Duration::from_secs(5));
     }
     ExitCode::from(outcome.exit_code())
+}
+
+pub fn stage(a: StageArgs) -> ExitCode {
+    init_tracing();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let root = Root::new(&a.root);
+    let plan = a.plan.unwrap_or_else(|| root.path(kiln_plan::paths::PLAN));
+    match crate::stage::stage_plan(&root, &plan, &mut std::io::stdout()) {
+        Ok(staged) => {
+            println!("kiln-stage: {} artifact(s) in the cache", staged.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("kiln-stage: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {

@@ -226,6 +226,16 @@ impl Fetcher {
         Ok(self.client.get_or_init(|| c))
     }
 
+    /// The cache's verified copy of `artifact`, if it holds one (re-hashed now; never touches
+    /// the network, never changes the cache).
+    pub fn cached(&self, artifact: &Artifact) -> Result<Option<PathBuf>> {
+        let dest = self.cache_path(&artifact.sha256);
+        if dest.is_file() && sha256_file(&dest)? == artifact.sha256 {
+            return Ok(Some(dest));
+        }
+        Ok(None)
+    }
+
     /// Returns the path of a verified copy of `artifact` in the cache, downloading it if needed.
     /// A cached file is re-hashed before reuse; a file of that name in the plan's local
     /// artifact dir is used before the network; with air-gap on, the network is never used.

@@ -3,7 +3,7 @@
 //! later steps hand their Kubernetes objects to K3s through it).
 
 use crate::cmd::Cmd;
-use crate::download::sha256_file;
+use crate::download::{sha256_file, Fetcher};
 use crate::engine::{Cx, Step, Transient};
 use crate::fs::{copy_atomic, write_atomic, Root};
 use crate::systemd;
@@ -304,6 +304,25 @@ fn ensure_links(root: &Root) -> Result<bool> {
     Ok(changed)
 }
 
+/// Cross-checks the plan's K3s pin against the release's published `sha256sum-amd64.txt`
+/// (when the plan names it) before the binary is fetched.
+pub fn check_release_pin(fetcher: &Fetcher, k3s: &kiln_plan::K3s) -> Result<()> {
+    let Some(url) = &k3s.checksums_url else {
+        return Ok(());
+    };
+    let published = checksum_for_k3s(&fetcher.fetch_text(url)?)
+        .with_context(|| format!("checking the k3s pin against {url}"))?;
+    if published != k3s.binary.sha256 {
+        // Permanent: retrying cannot make the plan's pin and the release agree.
+        bail!(
+            "the plan pins k3s {} at sha256 {}, but the release's checksum file {url} says {published}",
+            k3s.version,
+            k3s.binary.sha256
+        );
+    }
+    Ok(())
+}
+
 pub struct K3sStep;
 
 impl Step for K3sStep {
@@ -326,17 +345,11 @@ impl Step for K3sStep {
 
     fn apply(&self, cx: &mut Cx) -> Result<()> {
         let k3s = &cx.plan.k3s;
-        if let Some(url) = &k3s.checksums_url {
-            let published = checksum_for_k3s(&cx.fetcher.fetch_text(url)?)
-                .with_context(|| format!("checking the k3s pin against {url}"))?;
-            if published != k3s.binary.sha256 {
-                // Permanent: retrying cannot make the plan's pin and the release agree.
-                bail!(
-                    "the plan pins k3s {} at sha256 {}, but the release's checksum file {url} says {published}",
-                    k3s.version,
-                    k3s.binary.sha256
-                );
-            }
+        // A verified copy in the cache was cross-checked when it got there (by this step or by
+        // `kiln-firstboot stage` on a baked image): a baked or air-gapped node must not need
+        // the release's checksum file, which lives on the network.
+        if cx.fetcher.cached(&k3s.binary)?.is_none() {
+            check_release_pin(cx.fetcher, k3s)?;
         }
         let mut changed = cx.fetcher.install(&k3s.binary, paths::K3S_BIN, 0o755)?;
         let cfg = config_yaml(cx.plan, cx.facts)?;

@@ -185,10 +185,13 @@ pub fn cloud_image(path: &Path) -> Result<BaseImage> {
     })
 }
 
-/// `debian-12-test` (built/cached) or a path to a cloud image.
+/// `debian-12-test` (built/cached), a directory with an `image.json` (a test image or what
+/// `kiln bake` made from one: disk, kernel, initrd), or a path to a cloud image.
 pub fn resolve(spec: &str) -> Result<BaseImage> {
     if spec == DEBIAN_12_TEST {
         ensure_test_image(&cache_root())
+    } else if Path::new(spec).join("image.json").is_file() {
+        load_test_image(Path::new(spec))
     } else {
         cloud_image(Path::new(spec))
     }

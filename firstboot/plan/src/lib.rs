@@ -56,6 +56,16 @@ impl Plan {
         out
     }
 
+    /// Every pinned download of the plan with the step that uses it, in step order: what a
+    /// baked image pre-stages into the cache and an air-gap bundle must carry.
+    pub fn pinned_artifacts(&self) -> Vec<(StepId, &Artifact)> {
+        vec![
+            (StepId::K3s, &self.k3s.binary),
+            (StepId::Tailscale, &self.tailscale.tarball),
+            (StepId::Argocd, &self.argocd.manifest),
+        ]
+    }
+
     pub fn deadline(&self, step: StepId) -> std::time::Duration {
         std::time::Duration::from_secs(self.deadlines.get(&step).copied().unwrap_or(600))
     }

@@ -1,0 +1,138 @@
+//! `kiln-firstboot stage` (issue 8, baked images): it fills the verified cache with every pinned
+//! artifact through the daemon's one download path, and a node whose cache was staged runs
+//! every step without a single request to the network (here: the loopback mirror, whose files
+//! are removed after staging so any request would 404 and be logged).
+
+mod steps_common;
+
+use std::fs;
+use std::process::{Command, Output};
+use steps_common::*;
+
+fn stage(node: &TestNode) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln-firstboot"))
+        .args(["stage", "--root"])
+        .arg(&node.root)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+const KEYS: [&str; 4] = ["k3s", "k3s-checksums", "tailscale", "argocd"];
+
+#[test]
+fn staged_cache_lets_every_step_run_with_the_network_gone() {
+    let mirror_dir = std::cell::RefCell::new(None);
+    let (node, mirror, pins, _plan) = setup(|_, dir| {
+        *mirror_dir.borrow_mut() = Some(dir.to_path_buf());
+    });
+    let mirror_dir = mirror_dir.into_inner().unwrap();
+
+    let out = stage(&node);
+    let all = text(&out);
+    assert!(out.status.success(), "stage failed:\n{all}");
+    for key in ["k3s", "tailscale", "argocd"] {
+        let sha = pins[key]["sha256"].as_str().unwrap();
+        let cached = node.p(&format!("/var/lib/kiln/cache/{sha}"));
+        assert!(cached.is_file(), "{key} not staged");
+        assert_eq!(
+            kiln_plan::Sha256::digest(&fs::read(&cached).unwrap()).to_hex(),
+            sha
+        );
+        assert!(
+            all.contains(&format!("sha256 {sha}")) && all.contains("(fetched)"),
+            "{all}"
+        );
+        assert_eq!(mirror.hits(pins[key]["path"].as_str().unwrap()), 1, "{key}");
+    }
+    // The K3s pin was cross-checked against the release's checksum file while staging.
+    assert_eq!(
+        mirror.hits(pins["k3s-checksums"]["path"].as_str().unwrap()),
+        1
+    );
+    // Staging installs and starts nothing.
+    assert!(!node.p("/usr/local/bin/k3s").exists());
+    assert!(!node.p("/var/lib/kiln/journal.json").exists());
+    assert!(
+        node.log().is_empty(),
+        "stage ran programs: {:?}",
+        node.log()
+    );
+
+    // Staging again finds everything cached and asks the network for nothing.
+    let before = mirror.requests().len();
+    let out = stage(&node);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(text(&out).matches("(cached)").count(), 3, "{}", text(&out));
+    assert_eq!(mirror.requests().len(), before);
+
+    // The network is gone: every file leaves the mirror, so any download would 404.
+    for key in KEYS {
+        fs::remove_file(mirror_dir.join(pins[key]["path"].as_str().unwrap())).unwrap();
+    }
+    let out = node.run_daemon();
+    assert!(out.status.success(), "daemon failed:\n{}", text(&out));
+    let states = step_states(&status(&node.root));
+    assert_eq!(states.len(), 6, "{states:?}");
+    // Every installing step really ran (nothing was installed yet); verify only checks.
+    assert!(
+        states[..5].iter().all(|s| s.1 == "done")
+            && matches!(states[5].1.as_str(), "done" | "skipped"),
+        "{states:?}"
+    );
+    assert_eq!(
+        mirror.requests().len(),
+        before,
+        "the daemon downloaded: {:?}",
+        &mirror.requests()[before..]
+    );
+    assert!(node.p("/usr/local/bin/k3s").is_file());
+}
+
+#[test]
+fn stage_refuses_a_corrupted_artifact_and_names_it() {
+    let (node, mirror, pins, _plan) = setup(|_, dir| {
+        let p = dir.join("tailscale/tailscale_1.102.3_amd64.tgz");
+        let mut b = fs::read(&p).unwrap();
+        b[100] ^= 0xff;
+        fs::write(&p, b).unwrap();
+    });
+    let out = stage(&node);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("kiln-stage: FAILED")
+            && all.contains("tailscale_1.102.3_amd64.tgz")
+            && all.contains("sha256 mismatch"),
+        "{all}"
+    );
+    let ts = pins["tailscale"]["sha256"].as_str().unwrap();
+    assert!(!node.p(&format!("/var/lib/kiln/cache/{ts}")).exists());
+    // K3s came before it and stays staged.
+    let k3s = pins["k3s"]["sha256"].as_str().unwrap();
+    assert!(node.p(&format!("/var/lib/kiln/cache/{k3s}")).is_file());
+    assert!(mirror.hits(pins["tailscale"]["path"].as_str().unwrap()) >= 1);
+}
+
+#[test]
+fn stage_without_a_plan_fails_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-firstboot"))
+        .args(["stage", "--root"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("kiln-stage: FAILED") && all.contains("etc/kiln/plan.json"),
+        "{all}"
+    );
+}

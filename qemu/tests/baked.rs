@@ -1,0 +1,400 @@
+//! QEMU e2e "baked" (issue 8): `kiln bake` the Debian 12 test image with the url-delivery test
+//! profile (the bake VM stages the daemon, its unit, the bundle and every pinned artifact, then
+//! cleans cloud-init and powers off); boot the baked qcow2 with that profile's seed and a mirror
+//! serving an empty directory (any request would be logged and answered 404) and reach daemon
+//! done with zero requests; boot the plain test image with the same payload and the full mirror
+//! ("payload-only"); print both timelines' time to done (baked is meant to be faster; timing is
+//! reported, not asserted). Also checks the outputs: a standalone qcow2 and a fixed VHD whose
+//! size is a whole number of MiB plus the 512-byte footer, both with their sha256 in build.json.
+//!
+//! Runs only with KILN_VM_TESTS=1 and needs KILN_FIRSTBOOT = the static daemon. Three TCG boots:
+//! about 10-15 minutes on 2 cores.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `$KILN_BIN`, else the `kiln` that `cargo test --workspace` builds next to this test.
+fn kiln_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("kiln"))
+        .unwrap();
+    assert!(
+        candidate.is_file(),
+        "no kiln binary at {}: run `cargo build -p kiln` first or set KILN_BIN",
+        candidate.display()
+    );
+    candidate
+}
+
+fn kiln(args: &[&str]) -> (Output, String) {
+    let out = Command::new(kiln_bin())
+        .current_dir(repo())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("---- kiln {} ----\n{text}", args.join(" "));
+    (out, text)
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
+}
+
+/// coreutils' sha256sum: an implementation independent of the one that wrote build.json's
+/// sha2 fallback, and fast on gigabytes.
+fn sha256sum(p: &Path) -> String {
+    let out = Command::new("sha256sum").arg("-b").arg(p).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn qemu_img_info(p: &Path, format: &str) -> serde_json::Value {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output", "json", "-f", format])
+        .arg(p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img info {}: {}",
+        p.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Host seconds from QEMU start to `kiln: all steps done` in a `kiln qemu test` report.
+fn done_at(report: &serde_json::Value) -> f64 {
+    report["boots"][0]["timeline"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "all-done")
+        .and_then(|e| e["at"].as_f64())
+        .expect("no all-done event")
+}
+
+fn cloud_init_finished_at(report: &serde_json::Value) -> Option<f64> {
+    report["boots"][0]["timeline"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "cloud-init-finished")
+        .and_then(|e| e["at"].as_f64())
+}
+
+fn requests(report: &serde_json::Value) -> Vec<String> {
+    report["boots"][0]["mirror_requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn journal_states(run: &Path) -> Vec<(String, String)> {
+    let journal = read_json(&run.join("boot-1/guest/var/lib/kiln/journal.json"));
+    journal["steps"]
+        .as_array()
+        .expect("journal steps")
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap_or("").to_string(),
+                s["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn baked_image_reaches_done_with_the_mirror_off_and_is_compared_with_payload_only() {
+    if std::env::var("KILN_VM_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped: set KILN_VM_TESTS=1 (and KILN_FIRSTBOOT) to boot VMs (.ci/run does)");
+        return;
+    }
+    let firstboot = std::env::var("KILN_FIRSTBOOT")
+        .expect("KILN_FIRSTBOOT must name the static kiln-firstboot binary");
+    let work = tempfile::Builder::new()
+        .prefix("kiln-baked")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let keep = std::env::var_os("KILN_E2E_KEEP").is_some();
+    let w = if keep {
+        work.keep()
+    } else {
+        work.path().to_path_buf()
+    };
+    eprintln!("baked e2e work dir: {}", w.display());
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+
+    let mirror = w.join("mirror");
+    let st = Command::new("python3")
+        .arg(repo().join("tests/standins/make-mirror.py"))
+        .arg(&mirror)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "make-mirror.py: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let pins = read_json(&mirror.join("pins.json"));
+
+    // 1. Bake.
+    let bake = w.join("bake");
+    let (out, text) = kiln(&[
+        "bake",
+        "qemu/tests/profiles/qemu-local-url.yaml",
+        "--image",
+        "debian-12-test",
+        "--mirror",
+        &s(&mirror),
+        "--firstboot",
+        &firstboot,
+        "-o",
+        &s(&bake),
+        "--deadline",
+        "1500",
+    ]);
+    assert!(out.status.success(), "kiln bake failed");
+    for stage in [
+        "[1/6] build",
+        "[3/6] boot",
+        "[5/6] write",
+        "[6/6] checksums",
+    ] {
+        assert!(text.contains(stage), "no progress line {stage:?}");
+    }
+    let build = read_json(&bake.join("build.json"));
+    let bake_seconds = build["bake-boot"]["seconds"].as_f64().unwrap();
+
+    // Every pinned artifact was staged, with the pins' sha256, fetched through the mirror.
+    let staged: Vec<(String, String)> = build["staged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap().to_string(),
+                a["sha256"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(staged.len(), 3, "{staged:?}");
+    for key in ["k3s", "tailscale", "argocd"] {
+        let sha = pins[key]["sha256"].as_str().unwrap();
+        assert!(
+            staged.iter().any(|(_, s)| s == sha),
+            "{key} not staged: {staged:?}"
+        );
+    }
+    let bake_reqs: Vec<&str> = build["bake-boot"]["mirror-requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(
+        bake_reqs.contains(&"GET /k3s/v1.32.4+k3s1/k3s 200"),
+        "{bake_reqs:?}"
+    );
+
+    // The outputs: standalone qcow2, fixed 1 MiB-aligned VHD, sha256 as recorded.
+    let qcow2 = bake.join(build["outputs"]["qcow2"]["file"].as_str().unwrap());
+    let vhd = bake.join(build["outputs"]["vhd"]["file"].as_str().unwrap());
+    for (kind, p) in [("qcow2", &qcow2), ("vhd", &vhd)] {
+        let o = &build["outputs"][kind];
+        assert_eq!(o["sha256"].as_str().unwrap(), sha256sum(p), "{kind}");
+        assert_eq!(
+            o["size"].as_u64().unwrap(),
+            std::fs::metadata(p).unwrap().len(),
+            "{kind}"
+        );
+    }
+    let qi = qemu_img_info(&qcow2, "qcow2");
+    assert_eq!(qi["format"], "qcow2");
+    assert!(
+        qi["backing-filename"].is_null(),
+        "the qcow2 must stand alone: {qi}"
+    );
+    let vlen = std::fs::metadata(&vhd).unwrap().len();
+    assert_eq!(vlen % (1 << 20), 512, "VHD size {vlen}");
+    let vi = qemu_img_info(&vhd, "vpc");
+    assert_eq!(vi["format"], "vpc");
+    assert_eq!(vi["virtual-size"].as_u64().unwrap(), vlen - 512);
+    assert_eq!(vi["virtual-size"], qi["virtual-size"]);
+    let footer = {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&vhd).unwrap();
+        f.seek(SeekFrom::End(-512)).unwrap();
+        let mut b = vec![0u8; 512];
+        f.read_exact(&mut b).unwrap();
+        b
+    };
+    assert_eq!(&footer[..8], b"conectix");
+    assert_eq!(
+        u32::from_be_bytes(footer[60..64].try_into().unwrap()),
+        2,
+        "disk type must be fixed"
+    );
+
+    // What the image holds: staged cache, bundle, daemon and unit (not enabled), no
+    // cloud-init instance state or logs from the bake boot.
+    let disk = kiln_qemu::inspect::GuestDisk::from_overlay(&qcow2, &w.join("baked.raw")).unwrap();
+    for key in ["k3s", "tailscale", "argocd"] {
+        let sha = pins[key]["sha256"].as_str().unwrap();
+        let st = disk
+            .stat(&format!("/var/lib/kiln/cache/{sha}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{key} is not in the baked cache"));
+        assert_eq!(st.mode & 0o777, 0o600);
+    }
+    let bundle_sha = build["bundle"]["sha256"].as_str().unwrap();
+    assert!(disk.stat("/var/lib/kiln/bundle.tar.gz").unwrap().is_some());
+    assert!(disk
+        .stat("/usr/local/sbin/kiln-firstboot")
+        .unwrap()
+        .is_some());
+    assert!(disk
+        .stat("/etc/systemd/system/kiln-firstboot.service")
+        .unwrap()
+        .is_some());
+    assert!(
+        disk.stat("/etc/systemd/system/multi-user.target.wants/kiln-firstboot.service")
+            .unwrap()
+            .is_none(),
+        "the bake must not enable the unit"
+    );
+    for gone in [
+        "/var/lib/cloud/instance",
+        "/var/lib/cloud/data/instance-id",
+        "/var/log/cloud-init.log",
+        "/var/log/cloud-init-output.log",
+        "/etc/kiln/plan.json",
+        "/var/lib/kiln/journal.json",
+    ] {
+        assert!(
+            disk.stat(gone).unwrap().is_none(),
+            "{gone} left in the image"
+        );
+    }
+    drop(disk);
+    let _ = std::fs::remove_file(w.join("baked.raw"));
+
+    // The payload: the bake's own build of the profile (same bundle pin).
+    let seed = bake.join("build/seed.img");
+    let bundle = std::fs::read(bake.join("build/bundle.tar.gz")).unwrap();
+    std::fs::create_dir_all(mirror.join("bundles")).unwrap();
+    std::fs::write(
+        mirror.join(format!("bundles/bundle-{bundle_sha}.tar.gz")),
+        &bundle,
+    )
+    .unwrap();
+
+    // 2. The baked image, mirror off: an empty directory, so any request is logged and 404s.
+    let empty = w.join("mirror-empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let run_baked = w.join("run-baked");
+    let (out, text) = kiln(&[
+        "qemu",
+        "test",
+        "--seed",
+        &s(&seed),
+        "--image",
+        &s(&bake),
+        "--mirror",
+        &s(&empty),
+        "-o",
+        &s(&run_baked),
+        "--deadline",
+        "900",
+    ]);
+    assert!(out.status.success(), "the baked boot failed");
+    assert!(text.contains("PASS: every step done"));
+    let baked = read_json(&run_baked.join("report.json"));
+    assert_eq!(baked["boots"][0]["outcome"]["result"], "all-done");
+    assert_eq!(
+        requests(&baked),
+        Vec::<String>::new(),
+        "the baked node downloaded"
+    );
+    let states = journal_states(&run_baked);
+    assert_eq!(states.len(), 6, "{states:?}");
+    assert!(
+        states.iter().all(|(_, st)| st == "done" || st == "skipped"),
+        "{states:?}"
+    );
+    let ci_log =
+        std::fs::read_to_string(run_baked.join("boot-1/guest/var/log/cloud-init-output.log"))
+            .unwrap_or_default();
+    assert!(
+        ci_log.contains("bundle already present and verified"),
+        "the bootstrap did not use the baked bundle:\n{ci_log}"
+    );
+
+    // 3. Payload-only: the plain test image, the same seed, the full mirror.
+    let run_payload = w.join("run-payload");
+    let (out, _) = kiln(&[
+        "qemu",
+        "test",
+        "--seed",
+        &s(&seed),
+        "--mirror",
+        &s(&mirror),
+        "-o",
+        &s(&run_payload),
+        "--deadline",
+        "900",
+    ]);
+    assert!(out.status.success(), "the payload-only boot failed");
+    let payload = read_json(&run_payload.join("report.json"));
+    let preqs = requests(&payload);
+    for want in [
+        format!("GET /bundles/bundle-{bundle_sha}.tar.gz 200"),
+        "GET /k3s/v1.32.4+k3s1/k3s 200".to_string(),
+        "GET /tailscale/tailscale_1.102.3_amd64.tgz 200".to_string(),
+        "GET /argocd/v3.4.7/install.yaml 200".to_string(),
+    ] {
+        assert!(preqs.contains(&want), "{want} not in {preqs:?}");
+    }
+
+    // The comparison (reported, not asserted: timing under TCG on shared cores is noise).
+    let (b_done, p_done) = (done_at(&baked), done_at(&payload));
+    let fmt = |v: Option<f64>| v.map(|x| format!("{x:.1}s")).unwrap_or("-".into());
+    eprintln!(
+        "baked vs payload-only (host seconds from QEMU start):\n  \
+         bake boot (once, powered off):  {bake_seconds:.1}s\n  \
+         baked image:   cloud-init finished {}, daemon done {b_done:.1}s, {} mirror requests\n  \
+         payload-only:  cloud-init finished {}, daemon done {p_done:.1}s, {} mirror requests\n  \
+         baked - payload-only = {:+.1}s",
+        fmt(cloud_init_finished_at(&baked)),
+        requests(&baked).len(),
+        fmt(cloud_init_finished_at(&payload)),
+        preqs.len(),
+        b_done - p_done
+    );
+}
