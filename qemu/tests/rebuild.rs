@@ -21,49 +21,24 @@
 //! Runs only with KILN_VM_TESTS=1 and KILN_FIRSTBOOT = the static daemon. Two url-delivery
 //! boots: about 10 minutes under TCG on 2 cores (570-600 s measured).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use kiln_qemu::fake_tailscale_api::{device, ApiRequest, Config, FakeTailscaleApi};
 use kiln_qemu::inspect::GuestDisk;
+use kiln_qemu::testkit::{
+    build_profile, kiln_bin, make_mirror, publish_bundle, read_json, repo, vm_tests, work_dir,
+};
 use serde_json::Value;
 
 const NEW_INSTANCE_ID: &str = "kiln-rebuild-2";
 /// Where the profile's `tailscale.api.base-url` points, forwarded to the stand-in.
 const GUEST_API: &str = "10.0.2.101:80";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// $KILN_BIN, else the `kiln` that `cargo test --workspace` builds in this target directory.
-fn kiln() -> PathBuf {
-    let bin = std::env::var_os("KILN_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().unwrap();
-            exe.parent().unwrap().parent().unwrap().join("kiln")
-        });
-    assert!(
-        bin.is_file(),
-        "no kiln binary at {}: `cargo build -p kiln` or set KILN_BIN",
-        bin.display()
-    );
-    bin
-}
-
-fn json_file(p: &Path) -> Value {
-    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_slice(&bytes).unwrap()
-}
-
 /// `kiln qemu test` with the stand-in forwarded; the run's report.json.
 fn boot(seed: &Path, mirror: &Path, out: &Path, api_port: u16, extra: &[&str]) -> Value {
     let fwd = format!("{GUEST_API}={api_port}");
-    let output = Command::new(kiln())
+    let output = Command::new(kiln_bin())
         .current_dir(repo())
         .args(["qemu", "test", "--deadline", "900", "--guestfwd", &fwd])
         .arg("--seed")
@@ -86,7 +61,7 @@ fn boot(seed: &Path, mirror: &Path, out: &Path, api_port: u16, extra: &[&str]) -
         "kiln qemu test failed; see above and {}",
         out.display()
     );
-    let report = json_file(&out.join("report.json"));
+    let report = read_json(&out.join("report.json"));
     assert_eq!(report["ok"], true);
     assert_eq!(report["boots"][0]["outcome"]["result"], "all-done");
     report["boots"][0].clone()
@@ -130,7 +105,7 @@ fn final_state(run: &Path, boot: &Value) -> (Value, Value, Value) {
         .find(|e| e["kind"] == "status")
         .map(|e| e["json"].clone())
         .expect("the daemon's final status line on the console");
-    let journal = json_file(&run.join("boot-1/guest/var/lib/kiln/journal.json"));
+    let journal = read_json(&run.join("boot-1/guest/var/lib/kiln/journal.json"));
     let steps = |v: &Value| -> Value {
         v["steps"]
             .as_array()
@@ -161,52 +136,19 @@ fn calls(log: &[ApiRequest]) -> Vec<String> {
 
 #[test]
 fn a_rebuilt_node_starts_a_fresh_journal_frees_its_tailnet_name_first_and_ends_the_same() {
-    if std::env::var("KILN_VM_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set KILN_VM_TESTS=1 (and KILN_FIRSTBOOT) to boot VMs (.ci/run does)");
+    let Some(firstboot) = vm_tests("rebuild e2e") else {
         return;
-    }
-    let firstboot = std::env::var("KILN_FIRSTBOOT")
-        .expect("KILN_FIRSTBOOT must name the static kiln-firstboot binary");
-    let work = tempfile::Builder::new()
-        .prefix("kiln-rebuild")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let w = if std::env::var_os("KILN_E2E_KEEP").is_some() {
-        work.keep()
-    } else {
-        work.path().to_path_buf()
     };
-    eprintln!("rebuild e2e work dir: {}", w.display());
+    let work = work_dir("kiln-rebuild");
+    let w = &work.path;
 
     // The payload, built once; the bundle served by the mirror like `kiln publish` would.
     let mirror = w.join("mirror");
-    let st = Command::new("python3")
-        .arg(repo().join("tests/standins/make-mirror.py"))
-        .arg(&mirror)
-        .status()
-        .unwrap();
-    assert!(st.success(), "make-mirror.py failed");
+    make_mirror(&mirror);
     let build = w.join("build");
-    let st = Command::new(kiln())
-        .current_dir(repo())
-        .args([
-            "build",
-            "qemu/tests/profiles/qemu-rebuild.yaml",
-            "--firstboot",
-        ])
-        .arg(&firstboot)
-        .arg("-o")
-        .arg(&build)
-        .status()
-        .unwrap();
-    assert!(st.success(), "kiln build failed");
-    let bundle = std::fs::read(build.join("bundle.tar.gz")).unwrap();
-    let sha = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&bundle))
-    };
-    std::fs::create_dir_all(mirror.join("bundles")).unwrap();
-    std::fs::write(mirror.join(format!("bundles/bundle-{sha}.tar.gz")), &bundle).unwrap();
+    build_profile("qemu/tests/profiles/qemu-rebuild.yaml", &firstboot, &build);
+    let sha = publish_bundle(&build, &mirror);
+
     // The profile's names, from the files it extends (checked against the node's plan below).
     let yaml = |p: &str| -> serde_yaml::Value {
         serde_yaml::from_str(&std::fs::read_to_string(repo().join(p)).unwrap()).unwrap()
@@ -237,7 +179,7 @@ fn a_rebuilt_node_starts_a_fresh_journal_frees_its_tailnet_name_first_and_ends_t
     let seed = build.join("seed.img");
     let run1 = w.join("run-1");
     let b1 = boot(&seed, &mirror, &run1, api.port(), &[]);
-    let plan = json_file(&run1.join("boot-1/guest/etc/kiln/plan.json"));
+    let plan = read_json(&run1.join("boot-1/guest/etc/kiln/plan.json"));
     assert_eq!(plan["tailscale"]["hostname"], hostname.as_str());
     assert_eq!(plan["tailscale"]["operator"]["oauth-client-id"], client_id);
     assert_eq!(plan["tailscale"]["tags"], serde_json::json!(tags));
