@@ -19,7 +19,7 @@
 //!    result; times ignored) equal boot 1's.
 //!
 //! Runs only with KILN_VM_TESTS=1 and KILN_FIRSTBOOT = the static daemon. Two url-delivery
-//! boots: about 10 minutes under TCG on 2 cores (570-600 s measured).
+//! boots: 7-10 minutes under TCG on 2 cores (433-600 s measured).
 
 use std::path::Path;
 use std::process::Command;
