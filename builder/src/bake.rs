@@ -241,9 +241,20 @@ pub fn run(a: &Args) -> Result<(), BuildError> {
 
     st.next("checksums and build.json");
     let mut outputs = serde_json::Map::new();
-    for (kind, path, format) in [("qcow2", &qcow2, "qcow2"), ("vhd", &vhd, "vpc (fixed)")] {
-        let sha =
-            sha256_file(path).with_context(|| format!("stage checksums: {}", path.display()))?;
+    // Both files at once: the host has cores to spare now that the VM is gone.
+    let (qsha, vsha) = std::thread::scope(|sc| {
+        let q = sc.spawn(|| sha256_file(&qcow2));
+        let v = sha256_file(&vhd);
+        (q.join().expect("hashing thread"), v)
+    });
+    let shas = [
+        qsha.with_context(|| format!("stage checksums: {}", qcow2.display()))?,
+        vsha.with_context(|| format!("stage checksums: {}", vhd.display()))?,
+    ];
+    for ((kind, path, format), sha) in [("qcow2", &qcow2, "qcow2"), ("vhd", &vhd, "vpc (fixed)")]
+        .into_iter()
+        .zip(shas)
+    {
         let size = fs::metadata(path)
             .with_context(|| format!("stage checksums: {}", path.display()))?
             .len();
