@@ -33,8 +33,13 @@ install -m 0755 /var/lib/kiln/bundle/kiln-firstboot /usr/local/sbin/kiln-firstbo
 mv -f /usr/local/sbin/kiln-firstboot.partial /usr/local/sbin/kiln-firstboot
 install -m 0644 /var/lib/kiln/bundle/kiln-firstboot.service /etc/systemd/system/kiln-firstboot.service.partial
 mv -f /etc/systemd/system/kiln-firstboot.service.partial /etc/systemd/system/kiln-firstboot.service
+# On disk before the unit is enabled, and the enabling on disk before the daemon starts: a power
+# loss or hard reset otherwise leaves an enabled unit whose file and binary are zero-length
+# (measured in the VM chaos test: the node never came back).
+sync
 systemctl daemon-reload
 systemctl enable kiln-firstboot.service
+sync
 # --no-block: the unit is ordered after network-online.target, which cloud-init's final stage
 # may itself be part of; waiting here could deadlock the boot.
 systemctl start --no-block kiln-firstboot.service
