@@ -64,8 +64,13 @@ pub fn stage_plan(root: &Root, plan_path: &Path, out: &mut dyn Write) -> Result<
     stage(root, &plan, out)
 }
 
+/// `artifacts.air-gap` governs `run` on the node; staging is how the artifacts of an
+/// air-gapped node get into its image, so it may use the network (the cache and `local-dir`
+/// still come first).
 pub fn stage(root: &Root, plan: &Plan, out: &mut dyn Write) -> Result<Vec<Staged>> {
-    let fetcher = Fetcher::new(root, &plan.artifacts);
+    let mut artifacts = plan.artifacts.clone();
+    artifacts.air_gap = false;
+    let fetcher = Fetcher::new(root, &artifacts);
     let mut staged = Vec::new();
     for (step, artifact) in plan.pinned_artifacts() {
         let started = Instant::now();

@@ -136,3 +136,22 @@ fn stage_without_a_plan_fails_clearly() {
         "{all}"
     );
 }
+
+#[test]
+fn an_air_gapped_plan_is_staged_from_the_network_and_then_runs_without_it() {
+    let mirror_dir = std::cell::RefCell::new(None);
+    let (node, mirror, pins, plan) = setup(|plan, dir| {
+        plan.artifacts.air_gap = true;
+        *mirror_dir.borrow_mut() = Some(dir.to_path_buf());
+    });
+    assert!(plan.artifacts.air_gap);
+    let out = stage(&node);
+    assert!(out.status.success(), "{}", text(&out));
+    for key in ["k3s", "tailscale", "argocd"] {
+        assert_eq!(mirror.hits(pins[key]["path"].as_str().unwrap()), 1, "{key}");
+    }
+    let before = mirror.requests().len();
+    let out = node.run_daemon();
+    assert!(out.status.success(), "daemon failed:\n{}", text(&out));
+    assert_eq!(mirror.requests().len(), before, "air-gapped run downloaded");
+}
