@@ -9,7 +9,6 @@
 //! sha256 in `DIR/build.json`.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -328,21 +327,6 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Indents every line by `n` spaces (a block scalar inside write_files).
-fn indent(text: &str, n: usize) -> String {
-    let pad = " ".repeat(n);
-    text.lines()
-        .map(|l| {
-            if l.is_empty() {
-                String::new()
-            } else {
-                format!("{pad}{l}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn tera(template: &str, ctx: &tera::Context) -> Result<String> {
     tera::Tera::one_off(template, ctx, false).context("rendering a bake template")
 }
@@ -362,8 +346,8 @@ pub fn user_data(hostname: &str, bundle_sha256: &Sha256) -> Result<String> {
     ctx.insert("unit", paths::UNIT);
     let script = tera(SCRIPT_TEMPLATE, &ctx)?;
     let finish = tera(FINISH_TEMPLATE, &ctx)?;
-    ctx.insert("bake_script", &indent(&script, 6));
-    ctx.insert("finish_script", &indent(&finish, 6));
+    ctx.insert("bake_script", &crate::render::indent(&script, 6));
+    ctx.insert("finish_script", &crate::render::indent(&finish, 6));
     let ud = tera(USER_DATA_TEMPLATE, &ctx)?;
     validate::cloud_config(&ud).context("the bake cloud-config fails the cloud-init schema")?;
     Ok(ud)
@@ -636,20 +620,7 @@ pub fn sha256_file(path: &Path) -> Result<Sha256> {
                 .map_err(|e| anyhow::anyhow!("sha256sum {}: {e}", path.display()));
         }
     }
-    use sha2::Digest;
-    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Sha256::from_bytes(h.finalize().into()))
+    crate::publish::vhd::hash_file(path)
 }
 
 /// A base booted by direct kernel (the test image has no bootloader) needs its kernel and

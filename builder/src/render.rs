@@ -115,7 +115,8 @@ pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn indent(text: &str, n: usize) -> String {
+/// Indents every non-empty line by `n` spaces (a block scalar inside write_files).
+pub(crate) fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
     text.lines()
         .map(|l| {
