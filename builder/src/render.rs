@@ -259,6 +259,9 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
     ctx.insert("bundle_dir", paths::BUNDLE_DIR);
     ctx.insert("daemon", paths::DAEMON_BIN);
     ctx.insert("unit", paths::UNIT);
+    ctx.insert("bootstrap_done", paths::BOOTSTRAP_DONE);
+    ctx.insert("instance_id_path", paths::CLOUD_INSTANCE_ID);
+    ctx.insert("cloud_sem_dir", paths::CLOUD_SEM_DIR);
     let bootstrap = tera(BOOTSTRAP_TEMPLATE, &ctx)?;
 
     let c = &resolved.cloud;

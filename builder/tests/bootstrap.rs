@@ -12,12 +12,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const NODE_DIRS: [&str; 4] = [
+const NODE_DIRS: [&str; 5] = [
     "/etc/kiln",
     "/var/lib/kiln",
+    "/var/lib/cloud",
     "/usr/local/sbin",
     "/etc/systemd/system",
 ];
+const INSTANCE_ID: &str = "iid-bootstrap-test";
 
 struct Node {
     _tmp: tempfile::TempDir,
@@ -33,6 +35,12 @@ impl Node {
             std::fs::create_dir_all(root.join(&d[1..])).unwrap();
         }
         std::fs::create_dir_all(root.join("etc/kiln/secrets")).unwrap();
+        std::fs::create_dir_all(root.join("var/lib/cloud/data")).unwrap();
+        std::fs::write(
+            root.join("var/lib/cloud/data/instance-id"),
+            format!("{INSTANCE_ID}\n"),
+        )
+        .unwrap();
         let bin = tmp.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         let log = tmp.path().join("systemctl.log");
@@ -76,14 +84,26 @@ impl Node {
     }
 
     fn run(&self, r: &Rendered) -> Output {
-        let mut script = r.bootstrap.clone();
+        self.sh(&r.bootstrap)
+    }
+
+    /// The payload's bootcmd (what cloud-init runs early on every boot).
+    fn bootcmd(&self, r: &Rendered) -> Output {
+        let ud: serde_yaml::Value = serde_yaml::from_slice(r.file("user-data")).unwrap();
+        let cmd = &ud["bootcmd"][0];
+        assert_eq!((cmd[0].as_str(), cmd[1].as_str()), (Some("sh"), Some("-c")));
+        self.sh(cmd[2].as_str().unwrap())
+    }
+
+    fn sh(&self, script: &str) -> Output {
+        let mut script = script.to_string();
         for d in NODE_DIRS {
             script = script.replace(d, &format!("{}{d}", self.root.display()));
         }
         let path = format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap());
         Command::new("/bin/sh")
             .arg("-c")
-            .arg(script)
+            .arg(&script)
             .env("PATH", path)
             .output()
             .unwrap()
@@ -279,4 +299,59 @@ fn url_bootstrap_refuses_a_corrupted_download_and_keeps_no_partial_file() {
     assert!(!node.path("/var/lib/kiln/bundle.tar.gz").exists());
     assert!(!node.path(kiln_plan::paths::DAEMON_BIN).exists());
     server.join().unwrap();
+}
+
+#[test]
+fn an_interrupted_first_boot_reruns_write_files_and_the_bootstrap_until_it_is_done() {
+    let r = render(&common::repo().join("profiles/qemu-local.yaml"));
+    let node = Node::new();
+    let sem = node.path("/var/lib/cloud/instance/sem");
+    let sems = ["config_write_files", "config_runcmd", "config_scripts_user"];
+    let mark = |names: &[&str]| {
+        std::fs::create_dir_all(&sem).unwrap();
+        for n in names {
+            std::fs::write(sem.join(n), "1: 0\n").unwrap();
+        }
+    };
+    let present = || -> Vec<bool> { sems.iter().map(|n| sem.join(n).exists()).collect() };
+
+    // The very first boot: nothing has run yet, nothing to forget.
+    let o = node.bootcmd(&r);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!sem.exists());
+
+    // A reset after write_files (and maybe runcmd) but before the bootstrap finished.
+    mark(&sems);
+    std::fs::write(sem.join("config_ssh"), "1: 0\n").unwrap();
+    let o = node.bootcmd(&r);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted"), "{}", stderr(&o));
+    assert_eq!(present(), [false, false, false]);
+    assert!(
+        sem.join("config_ssh").exists(),
+        "other modules are left alone"
+    );
+
+    // The rerun bootstrap finishes and records the instance: later boots change nothing.
+    node.write_files(&r);
+    let o = node.run(&r);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(node.path(kiln_plan::paths::BOOTSTRAP_DONE)).unwrap(),
+        format!("{INSTANCE_ID}\n")
+    );
+    mark(&sems);
+    let o = node.bootcmd(&r);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(present(), [true, true, true]);
+
+    // A new instance on the same disk (its own sems) is not mistaken for a finished one.
+    std::fs::write(
+        node.path("/var/lib/cloud/data/instance-id"),
+        "iid-another-instance\n",
+    )
+    .unwrap();
+    let o = node.bootcmd(&r);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(present(), [false, false, false]);
 }

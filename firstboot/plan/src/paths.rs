@@ -8,6 +8,8 @@ pub const STATE_DIR: &str = "/var/lib/kiln";
 pub const JOURNAL: &str = "/var/lib/kiln/journal.json";
 pub const CACHE_DIR: &str = "/var/lib/kiln/cache";
 pub const BUNDLE_TARBALL: &str = "/var/lib/kiln/bundle.tar.gz";
+/// The cloud-init instance id the bootstrap finished for (see the payload's bootcmd).
+pub const BOOTSTRAP_DONE: &str = "/var/lib/kiln/bootstrap.done";
 /// Where the bootstrap unpacks the verified bundle.
 pub const BUNDLE_DIR: &str = "/var/lib/kiln/bundle";
 pub const RUN_DIR: &str = "/run/kiln";
@@ -16,6 +18,8 @@ pub const DAEMON_BIN: &str = "/usr/local/sbin/kiln-firstboot";
 pub const UNIT: &str = "/etc/systemd/system/kiln-firstboot.service";
 /// cloud-init's record of the current instance id (a rebuilt VM has a new one).
 pub const CLOUD_INSTANCE_ID: &str = "/var/lib/cloud/data/instance-id";
+/// cloud-init's per-instance module semaphores (`config_<module>`).
+pub const CLOUD_SEM_DIR: &str = "/var/lib/cloud/instance/sem";
 
 pub const K3S_BIN: &str = "/usr/local/bin/k3s";
 pub const K3S_CONFIG: &str = "/etc/rancher/k3s/config.yaml";

@@ -44,3 +44,9 @@ sync
 # may itself be part of; waiting here could deadlock the boot.
 systemctl start --no-block kiln-firstboot.service
 say "kiln-firstboot started"
+# Done for this instance, on disk: the payload's bootcmd reruns an interrupted first boot's
+# write_files and bootstrap until this holds the instance id.
+cat /var/lib/cloud/data/instance-id > /var/lib/kiln/bootstrap.done.partial
+sync
+mv -f /var/lib/kiln/bootstrap.done.partial /var/lib/kiln/bootstrap.done
+sync
