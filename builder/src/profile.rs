@@ -122,6 +122,16 @@ pub struct K3sSpec {
     /// Extra `/etc/rancher/k3s/config.yaml` keys, checked against the allowed server flags.
     #[serde(default)]
     pub config: BTreeMap<String, serde_json::Value>,
+    /// Container image archives staged in K3s's agent images dir (imported at start).
+    #[serde(default)]
+    pub images: Vec<ImageArchiveSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ImageArchiveSpec {
+    pub url: Url,
+    pub sha256: Sha256,
 }
 
 pub const DEFAULT_K3S_VERSION: &str = "v1.32.4+k3s1";
@@ -203,6 +213,10 @@ pub struct OperatorSpec {
     pub ingress_class: String,
     #[serde(default = "default_operator_hostname")]
     pub hostname: String,
+    /// sha256 of `tailscale-operator-<chart-version>.tgz`: when given, the node fetches the
+    /// pinned archive (or finds it baked) and K3s serves it to the HelmChart.
+    #[serde(default)]
+    pub chart_sha256: Option<Sha256>,
 }
 
 fn default_chart_repo() -> Url {

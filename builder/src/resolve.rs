@@ -333,6 +333,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         },
         checksums_url: Some(sums_url),
         config,
+        images: image_archives(s, &k.images)?,
     };
 
     // --- tailscale
@@ -452,6 +453,14 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         &o.oauth_client_secret,
         TAILSCALE_OAUTH_SECRET_FILE,
     )?);
+    let chart_archive = o.chart_sha256.map(|sha256| {
+        let name = format!("tailscale-operator-{chart_version}.tgz");
+        let url = match &mirror {
+            Some(m) => join(m, &format!("tailscale/{name}")),
+            None => join(&with_slash(&o.chart_repo), &name),
+        };
+        Artifact { name, url, sha256 }
+    });
     let tailscale = Tailscale {
         version: t.version.clone(),
         tarball: Artifact {
@@ -470,6 +479,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             oauth_client_secret_file: TAILSCALE_OAUTH_SECRET_FILE.into(),
             ingress_class: o.ingress_class.clone(),
             hostname: o.hostname.clone(),
+            chart_archive,
         },
         api,
     };
@@ -767,6 +777,55 @@ fn check_http(s: &Sources, at: &[&str], u: &Url) -> Result<(), ProfileError> {
             format!("expected an http(s) URL, got {u}"),
         ))
     }
+}
+
+/// K3s imports these archive kinds from its agent images dir.
+const IMAGE_ARCHIVE_SUFFIXES: [&str; 6] = [
+    ".tar", ".tar.gz", ".tar.zst", ".tar.lz4", ".tar.bz2", ".tar.xz",
+];
+
+fn image_archives(
+    s: &Sources,
+    specs: &[crate::profile::ImageArchiveSpec],
+) -> Result<Vec<Artifact>, ProfileError> {
+    let mut out: Vec<Artifact> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let mut at = key_path(&["k3s", "images"]);
+        at.push(Seg::Index(i));
+        at.push(Seg::Key("url".into()));
+        if !(matches!(spec.url.scheme(), "http" | "https") && spec.url.host().is_some()) {
+            return Err(s.error(
+                &at,
+                false,
+                format!("expected an http(s) URL, got {}", spec.url),
+            ));
+        }
+        let name = spec
+            .url
+            .path_segments()
+            .and_then(|mut segs| segs.next_back())
+            .unwrap_or("")
+            .to_string();
+        if !IMAGE_ARCHIVE_SUFFIXES.iter().any(|x| name.ends_with(x)) || name.starts_with('.') {
+            return Err(s.error(
+                &at,
+                false,
+                format!(
+                    "the URL must name an image archive K3s imports ({}), got {name:?}",
+                    IMAGE_ARCHIVE_SUFFIXES.join(", ")
+                ),
+            ));
+        }
+        if out.iter().any(|a| a.name == name) {
+            return Err(s.error(&at, false, format!("two image archives are named {name:?}")));
+        }
+        out.push(Artifact {
+            name,
+            url: spec.url.clone(),
+            sha256: spec.sha256,
+        });
+    }
+    Ok(out)
 }
 
 fn with_slash(u: &Url) -> Url {

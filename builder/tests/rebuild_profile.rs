@@ -112,3 +112,78 @@ fn bad_api_settings_name_their_key() {
     });
     assert!(error_of(&p).contains("must carry tags"));
 }
+
+const OFFLINE: &str = "k3s:\n  sha256: \"1111111111111111111111111111111111111111111111111111111111111111\"\n  images:\n    - url: https://images.example/airgap/k3s-airgap-images-amd64.tar.zst\n      sha256: \"3333333333333333333333333333333333333333333333333333333333333333\"\n";
+
+#[test]
+fn a_pinned_chart_and_image_archives_reach_the_plan_and_the_helmchart_uses_the_served_chart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = variant(tmp.path(), |t| {
+        t.replace(
+            "k3s:\n  sha256: \"1111111111111111111111111111111111111111111111111111111111111111\"\n",
+            OFFLINE,
+        )
+        .replace(
+            "    oauth-client-id: kTESTCLIENT1CNTRL\n",
+            "    oauth-client-id: kTESTCLIENT1CNTRL\n    chart-sha256: \"4444444444444444444444444444444444444444444444444444444444444444\"\n",
+        )
+    });
+    let r = pipeline::resolve(&p, &common::no_env)
+        .map_err(|e| e.to_string())
+        .unwrap()
+        .1;
+    let chart = r.plan.tailscale.operator.chart_archive.as_ref().unwrap();
+    assert_eq!(chart.name, "tailscale-operator-1.102.3.tgz");
+    assert_eq!(
+        chart.url.as_str(),
+        "https://pkgs.tailscale.com/helmcharts/tailscale-operator-1.102.3.tgz"
+    );
+    assert_eq!(r.plan.k3s.images.len(), 1);
+    assert_eq!(r.plan.k3s.images[0].name, "k3s-airgap-images-amd64.tar.zst");
+    // Both are staged by `kiln bake` (every pinned artifact of the plan).
+    let pinned: Vec<&str> = r
+        .plan
+        .pinned_artifacts()
+        .iter()
+        .map(|(_, a)| a.name.as_str())
+        .collect();
+    assert!(
+        pinned.contains(&"tailscale-operator-1.102.3.tgz"),
+        "{pinned:?}"
+    );
+    assert!(
+        pinned.contains(&"k3s-airgap-images-amd64.tar.zst"),
+        "{pinned:?}"
+    );
+    let hc = kiln_plan::manifests::tailscale_operator_chart(&r.plan);
+    assert_eq!(
+        hc.spec.chart.as_deref(),
+        Some("https://%{KUBERNETES_API}%/static/charts/tailscale-operator-1.102.3.tgz")
+    );
+    assert!(hc.spec.repo.is_none() && hc.spec.version.is_none());
+    let back = kiln_plan::Plan::from_json(&r.plan.to_json()).unwrap();
+    assert_eq!(back.k3s.images, r.plan.k3s.images);
+    assert_eq!(
+        back.tailscale.operator.chart_archive,
+        r.plan.tailscale.operator.chart_archive
+    );
+}
+
+#[test]
+fn an_image_url_that_is_no_image_archive_is_an_error_at_its_position() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = variant(tmp.path(), |t| {
+        t.replace(
+            "k3s:\n  sha256: \"1111111111111111111111111111111111111111111111111111111111111111\"\n",
+            &OFFLINE.replace("k3s-airgap-images-amd64.tar.zst", "images.zip"),
+        )
+    });
+    let err = pipeline::resolve(&p, &common::no_env)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("k3s.images[0].url") && err.contains("image archive"),
+        "{err}"
+    );
+}

@@ -336,6 +336,7 @@ impl Step for K3sStep {
             return Ok(false);
         }
         Ok(config_current(cx)?
+            && images_current(cx)?
             && file_is(cx.root, paths::K3S_UNIT, unit_text().as_bytes(), 0o644)
             && file_is(cx.root, paths::K3S_ENV, env_text().as_bytes(), 0o600)
             && links_ok(cx.root)
@@ -352,6 +353,10 @@ impl Step for K3sStep {
             check_release_pin(cx.fetcher, k3s)?;
         }
         let mut changed = cx.fetcher.install(&k3s.binary, paths::K3S_BIN, 0o755)?;
+        // Before K3s (re)starts: it imports the archives in this dir when it starts.
+        for image in &k3s.images {
+            changed |= cx.fetcher.install(image, &image_path(&image.name), 0o644)?;
+        }
         let cfg = config_yaml(cx.plan, cx.facts)?;
         changed |= write_if_changed(cx.root, paths::K3S_CONFIG, cfg.as_bytes(), 0o600)?;
         let unit_changed =
@@ -379,6 +384,21 @@ impl Step for K3sStep {
     fn verify(&self, cx: &mut Cx) -> Result<()> {
         wait_ready(cx)
     }
+}
+
+fn image_path(name: &str) -> String {
+    format!("{}/{name}", paths::K3S_AGENT_IMAGES)
+}
+
+/// Are the plan's image archives in the agent images dir with their pinned content?
+fn images_current(cx: &Cx) -> Result<bool> {
+    for image in &cx.plan.k3s.images {
+        let p = cx.root.path(image_path(&image.name));
+        if !p.exists() || sha256_file(&p)? != image.sha256 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 // ---- the auto-deploy manifests directory ---------------------------------------------------

@@ -348,6 +348,19 @@ fn operator_files(cx: &Cx) -> Vec<String> {
     files
 }
 
+fn chart_path(name: &str) -> String {
+    format!("{}/{name}", paths::K3S_STATIC_CHARTS)
+}
+
+/// The pinned chart archive, when the plan has one, is in K3s's static charts dir.
+fn chart_current(cx: &Cx) -> Result<bool> {
+    let Some(chart) = &cx.plan.tailscale.operator.chart_archive else {
+        return Ok(true);
+    };
+    let p = cx.root.path(chart_path(&chart.name));
+    Ok(p.exists() && sha256_file(&p)? == chart.sha256)
+}
+
 pub struct TailscaleOperatorStep;
 
 impl Step for TailscaleOperatorStep {
@@ -356,7 +369,8 @@ impl Step for TailscaleOperatorStep {
     }
 
     fn check(&self, cx: &mut Cx) -> Result<bool> {
-        Ok(k3s::bundled_current(cx, StepId::TailscaleOperator)?
+        Ok(chart_current(cx)?
+            && k3s::bundled_current(cx, StepId::TailscaleOperator)?
             && k3s::file_is(
                 cx.root,
                 &k3s::manifest_path(TAILSCALE_OAUTH_FILE),
@@ -371,6 +385,10 @@ impl Step for TailscaleOperatorStep {
         let path = k3s::manifest_path(TAILSCALE_OAUTH_FILE);
         if !k3s::file_is(cx.root, &path, &secret, 0o600) {
             write_atomic(&cx.root.path(&path), &secret, 0o600)?;
+        }
+        // The archive before the HelmChart that points at it.
+        if let Some(chart) = &cx.plan.tailscale.operator.chart_archive {
+            cx.fetcher.install(chart, &chart_path(&chart.name), 0o644)?;
         }
         k3s::install_bundled(cx, StepId::TailscaleOperator)?;
         Ok(())

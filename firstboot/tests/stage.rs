@@ -5,6 +5,7 @@
 
 mod steps_common;
 
+use kiln_plan::manifests;
 use std::fs;
 use std::process::{Command, Output};
 use steps_common::*;
@@ -154,4 +155,83 @@ fn an_air_gapped_plan_is_staged_from_the_network_and_then_runs_without_it() {
     let out = node.run_daemon();
     assert!(out.status.success(), "daemon failed:\n{}", text(&out));
     assert_eq!(mirror.requests().len(), before, "air-gapped run downloaded");
+}
+
+/// A pinned operator chart archive and a K3s image archive (issue 8: charts and image
+/// tarballs pre-staged): staged with the rest, then installed from the cache where K3s uses
+/// them (static charts dir, agent images dir) with the network gone; the HelmChart points at
+/// the K3s-served archive, not at the chart repository.
+#[test]
+fn a_pinned_chart_archive_and_image_archives_are_staged_and_installed_offline() {
+    const CHART: &str = "tailscale-operator-1.102.3.tgz";
+    const IMAGES: &str = "kiln-test-images.tar.zst";
+    let chart_bytes =
+        b"chart archive bytes (a contract stand-in: K3s only serves the file)".to_vec();
+    let image_bytes =
+        b"image archive bytes (a contract stand-in: K3s imports it at start)".to_vec();
+    let mirror_dir = std::cell::RefCell::new(None);
+    let (node, mirror, _pins, plan) = setup(|plan, dir| {
+        fs::write(dir.join("tailscale").join(CHART), &chart_bytes).unwrap();
+        fs::create_dir_all(dir.join("images")).unwrap();
+        fs::write(dir.join("images").join(IMAGES), &image_bytes).unwrap();
+        let base = plan.tailscale.tarball.url.clone();
+        plan.tailscale.operator.chart_archive = Some(kiln_plan::Artifact {
+            name: CHART.into(),
+            url: base.join(CHART).unwrap(),
+            sha256: kiln_plan::Sha256::digest(&chart_bytes),
+        });
+        plan.k3s.images = vec![kiln_plan::Artifact {
+            name: IMAGES.into(),
+            url: base.join(&format!("../images/{IMAGES}")).unwrap(),
+            sha256: kiln_plan::Sha256::digest(&image_bytes),
+        }];
+        pin_manifests(plan);
+        *mirror_dir.borrow_mut() = Some(dir.to_path_buf());
+    });
+    let mirror_dir = mirror_dir.into_inner().unwrap();
+    let chart_url_path = format!("tailscale/{CHART}");
+    let image_url_path = format!("images/{IMAGES}");
+
+    let out = stage(&node);
+    assert!(out.status.success(), "stage failed:\n{}", text(&out));
+    assert_eq!(mirror.hits(&chart_url_path), 1);
+    assert_eq!(mirror.hits(&image_url_path), 1);
+    fs::remove_file(mirror_dir.join(&chart_url_path)).unwrap();
+    fs::remove_file(mirror_dir.join(&image_url_path)).unwrap();
+    let before = mirror.requests().len();
+
+    let out = node.run_daemon();
+    assert!(out.status.success(), "daemon failed:\n{}", text(&out));
+    assert_eq!(
+        mirror.requests()[before..]
+            .iter()
+            .filter(|r| r.path.contains(CHART) || r.path.contains(IMAGES))
+            .count(),
+        0
+    );
+    let chart = node.p(&format!(
+        "/var/lib/rancher/k3s/server/static/charts/{CHART}"
+    ));
+    let image = node.p(&format!("/var/lib/rancher/k3s/agent/images/{IMAGES}"));
+    assert_eq!(fs::read(&chart).unwrap(), chart_bytes);
+    assert_eq!(fs::read(&image).unwrap(), image_bytes);
+    let helmchart = manifests::tailscale_operator_chart(&plan);
+    assert_eq!(
+        helmchart.spec.chart.as_deref(),
+        Some(format!("https://%{{KUBERNETES_API}}%/static/charts/{CHART}").as_str())
+    );
+    assert!(helmchart.spec.repo.is_none() && helmchart.spec.version.is_none());
+    let installed =
+        fs::read_to_string(node.p("/var/lib/rancher/k3s/server/manifests/tailscale-operator.yaml"))
+            .unwrap_or_default();
+    assert!(
+        installed.contains(&format!("static/charts/{CHART}")),
+        "the installed HelmChart must point at the served archive: {installed}"
+    );
+
+    // A re-run finds both in place and skips every step.
+    let out = node.run_daemon();
+    assert!(out.status.success(), "{}", text(&out));
+    let states = step_states(&status(&node.root));
+    assert!(states.iter().all(|s| s.1 == "skipped"), "{states:?}");
 }

@@ -59,11 +59,14 @@ impl Plan {
     /// Every pinned download of the plan with the step that uses it, in step order: what a
     /// baked image pre-stages into the cache and an air-gap bundle must carry.
     pub fn pinned_artifacts(&self) -> Vec<(StepId, &Artifact)> {
-        vec![
-            (StepId::K3s, &self.k3s.binary),
-            (StepId::Tailscale, &self.tailscale.tarball),
-            (StepId::Argocd, &self.argocd.manifest),
-        ]
+        let mut v = vec![(StepId::K3s, &self.k3s.binary)];
+        v.extend(self.k3s.images.iter().map(|a| (StepId::K3s, a)));
+        v.push((StepId::Tailscale, &self.tailscale.tarball));
+        if let Some(chart) = &self.tailscale.operator.chart_archive {
+            v.push((StepId::TailscaleOperator, chart));
+        }
+        v.push((StepId::Argocd, &self.argocd.manifest));
+        v
     }
 
     pub fn deadline(&self, step: StepId) -> std::time::Duration {
@@ -183,6 +186,10 @@ pub struct K3s {
     /// The complete `/etc/rancher/k3s/config.yaml`, keys already checked against the allowed
     /// server flags at build time.
     pub config: BTreeMap<String, serde_json::Value>,
+    /// Container image archives K3s imports at start from its agent images dir, so the images
+    /// they hold need no registry (baked and air-gapped nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Artifact>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +249,10 @@ pub struct TailscaleOperator {
     pub oauth_client_secret_file: String,
     pub ingress_class: String,
     pub hostname: String,
+    /// The chart archive, pinned: served to the HelmChart from K3s's static charts dir
+    /// instead of being fetched from `chart-repo` by the helm-controller at install time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chart_archive: Option<Artifact>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -244,9 +244,17 @@ pub fn tailscale_operator_chart(plan: &Plan) -> HelmChart {
         kind: "HelmChart".into(),
         metadata: meta(TAILSCALE_OPERATOR_CHART, Some(HELMCHART_NAMESPACE)),
         spec: HelmChartSpec {
-            chart: Some(TAILSCALE_OPERATOR_CHART.into()),
-            repo: Some(op.chart_repo.to_string()),
-            version: Some(op.chart_version.clone()),
+            // A pinned archive is served by K3s itself (the placeholder is expanded by the
+            // helm-controller), so installing the chart needs no network.
+            chart: Some(match &op.chart_archive {
+                Some(a) => format!("https://%{{KUBERNETES_API}}%/static/charts/{}", a.name),
+                None => TAILSCALE_OPERATOR_CHART.into(),
+            }),
+            repo: op
+                .chart_archive
+                .is_none()
+                .then(|| op.chart_repo.to_string()),
+            version: op.chart_archive.is_none().then(|| op.chart_version.clone()),
             target_namespace: Some(op.namespace.clone()),
             values_content: Some(to_yaml(&tailscale_operator_values(plan))),
             ..HelmChartSpec::default()

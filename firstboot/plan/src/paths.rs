@@ -27,6 +27,10 @@ pub const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
 pub const K3S_UNIT: &str = "/etc/systemd/system/k3s.service";
 pub const K3S_ENV: &str = "/etc/systemd/system/k3s.service.env";
 pub const K3S_MANIFESTS: &str = "/var/lib/rancher/k3s/server/manifests";
+/// Served by the K3s supervisor at `https://%{KUBERNETES_API}%/static/charts/<file>`.
+pub const K3S_STATIC_CHARTS: &str = "/var/lib/rancher/k3s/server/static/charts";
+/// Image archives K3s imports into containerd when it starts.
+pub const K3S_AGENT_IMAGES: &str = "/var/lib/rancher/k3s/agent/images";
 pub const K3S_NODE_TOKEN: &str = "/var/lib/rancher/k3s/server/node-token";
 
 pub const TAILSCALE_BIN: &str = "/usr/bin/tailscale";
