@@ -42,9 +42,11 @@ use kiln_qemu::inspect::GuestDisk;
 use kiln_qemu::mirror::{Fault, Mirror};
 use kiln_qemu::qga::Qga;
 use kiln_qemu::serial::{Event, Follower, TimedEvent};
+use kiln_qemu::testkit::{
+    build_profile, make_mirror, publish_bundle, repo, sha256_hex, target_dir, work_dir, WorkDir,
+};
 use kiln_qemu::vm::Vm;
 use serde_json::{json, Value};
-use sha2::Digest;
 
 const STEPS: [&str; 6] = [
     "k3s",
@@ -57,42 +59,6 @@ const STEPS: [&str; 6] = [
 const PROFILE: &str = "qemu/tests/profiles/qemu-local-url-secrets.yaml";
 /// Artifacts streamed slowly so a kill lands mid-download (bytes per second).
 const SLOW_BPS: u64 = 2_000;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// `$CARGO_TARGET_DIR`, else the target dir this test binary was built into.
-fn target_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
-        let d = PathBuf::from(d);
-        return if d.is_absolute() { d } else { repo().join(d) };
-    }
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/chaos-HASH
-    exe.ancestors().nth(3).unwrap().to_path_buf()
-}
-
-fn kiln_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let candidate = exe.parent().and_then(Path::parent).unwrap().join("kiln");
-    assert!(
-        candidate.is_file(),
-        "no kiln binary at {}: run `cargo build -p kiln` first or set KILN_BIN",
-        candidate.display()
-    );
-    candidate
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(data))
-}
 
 /// Deterministic pseudo-random numbers (splitmix64): a run is replayed from its printed seed.
 struct Rng(u64);
@@ -684,7 +650,7 @@ fn secret_scan(c: &Canaries, tree: &Path, host_dirs: &[&Path], skip: &[&Path]) -
 
 struct Prepared {
     /// Removes the work dir when dropped (unless KILN_E2E_KEEP).
-    work: Option<tempfile::TempDir>,
+    work: WorkDir,
     w: PathBuf,
     mirror_dir: PathBuf,
     seed_img: PathBuf,
@@ -696,48 +662,13 @@ struct Prepared {
 /// A work dir, the stand-in mirror with the bundle of [`PROFILE`] in it (url delivery keeps
 /// boots short), its seed, the test image and the accelerator.
 fn prepare(prefix: &str, firstboot: &str) -> Prepared {
-    let work = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let (work, w) = if std::env::var_os("KILN_E2E_KEEP").is_some() {
-        let w = work.keep();
-        (None, w)
-    } else {
-        let w = work.path().to_path_buf();
-        (Some(work), w)
-    };
-    eprintln!("chaos work dir: {}", w.display());
+    let work = work_dir(prefix);
+    let w = work.path.clone();
     let mirror_dir = w.join("mirror");
-    let st = Command::new("python3")
-        .arg(repo().join("tests/standins/make-mirror.py"))
-        .arg(&mirror_dir)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "make-mirror.py: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    make_mirror(&mirror_dir);
     let build = w.join("build");
-    let st = Command::new(kiln_bin())
-        .current_dir(repo())
-        .args(["build", PROFILE, "--firstboot", firstboot, "-o"])
-        .arg(&build)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "kiln build {PROFILE}: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let bundle = fs::read(build.join("bundle.tar.gz")).unwrap();
-    fs::create_dir_all(mirror_dir.join("bundles")).unwrap();
-    fs::write(
-        mirror_dir.join(format!("bundles/bundle-{}.tar.gz", sha256_hex(&bundle))),
-        &bundle,
-    )
-    .unwrap();
+    build_profile(PROFILE, firstboot, &build);
+    publish_bundle(&build, &mirror_dir);
     let pins: Value =
         serde_json::from_slice(&fs::read(mirror_dir.join("pins.json")).unwrap()).unwrap();
     let img = image::ensure_test_image(&image::cache_root()).unwrap();
