@@ -51,6 +51,23 @@ pub fn kiln_bin() -> PathBuf {
     bin
 }
 
+/// Runs `kiln ARGS` from the repo root; its exit status and its stdout+stderr, which are also
+/// echoed (a failing VM test shows what kiln said).
+pub fn run_kiln(args: &[&str]) -> (std::process::Output, String) {
+    let out = Command::new(kiln_bin())
+        .current_dir(repo())
+        .args(args)
+        .output()
+        .expect("running kiln");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("---- kiln {} ----\n{text}", args.join(" "));
+    (out, text)
+}
+
 /// The static daemon for VM tests when `KILN_VM_TESTS=1`, else `None` after saying why the
 /// test is skipped (so a plain `cargo test` stays fast and says what it left out).
 pub fn vm_tests(test: &str) -> Option<String> {

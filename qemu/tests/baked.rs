@@ -16,18 +16,7 @@ use std::process::{Command, Output};
 use kiln_qemu::testkit::{self, read_json};
 
 fn kiln(args: &[&str]) -> (Output, String) {
-    let out = Command::new(testkit::kiln_bin())
-        .current_dir(testkit::repo())
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("---- kiln {} ----\n{text}", args.join(" "));
-    (out, text)
+    testkit::run_kiln(args)
 }
 
 /// coreutils' sha256sum: an implementation independent of the one that wrote build.json's

@@ -11,27 +11,13 @@
 //! static daemon. About 10 minutes under TCG on 2 cores.
 
 use kiln_qemu::testkit::{
-    build_profile, files_under, kiln_bin, make_mirror, publish_bundle, read_json, repo, vm_tests,
+    build_profile, files_under, make_mirror, publish_bundle, read_json, repo, run_kiln, vm_tests,
     work_dir,
 };
-use std::path::Path;
 use std::process::{Command, Output};
 
-fn run_kiln_qemu_test(kiln: &Path, args: &[&str]) -> (Output, String) {
-    let out = Command::new(kiln)
-        .current_dir(repo())
-        .arg("qemu")
-        .arg("test")
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("---- kiln qemu test {} ----\n{text}", args.join(" "));
-    (out, text)
+fn run_kiln_qemu_test(args: &[&str]) -> (Output, String) {
+    run_kiln(&[&["qemu", "test"], args].concat())
 }
 
 #[test]
@@ -39,7 +25,6 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     let Some(firstboot) = vm_tests("qemu e2e") else {
         return;
     };
-    let kiln = kiln_bin();
     let work = work_dir("kiln-e2e");
     let w = &work.path;
 
@@ -73,19 +58,16 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     let sha = publish_bundle(&build_url, &bad);
     let seed = build_url.join("seed.img");
     let run_bad = w.join("run-bad");
-    let (out, text) = run_kiln_qemu_test(
-        &kiln,
-        &[
-            "--seed",
-            seed.to_str().unwrap(),
-            "--mirror",
-            bad.to_str().unwrap(),
-            "-o",
-            run_bad.to_str().unwrap(),
-            "--deadline",
-            "900",
-        ],
-    );
+    let (out, text) = run_kiln_qemu_test(&[
+        "--seed",
+        seed.to_str().unwrap(),
+        "--mirror",
+        bad.to_str().unwrap(),
+        "-o",
+        run_bad.to_str().unwrap(),
+        "--deadline",
+        "900",
+    ]);
     assert!(
         !out.status.success(),
         "kiln qemu test passed with a corrupted K3s binary"
@@ -119,23 +101,20 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
 
     // 1-4: floor, first boot, reboot of the same disk.
     let run = w.join("run");
-    let (out, text) = run_kiln_qemu_test(
-        &kiln,
-        &[
-            "profiles/qemu-local.yaml",
-            "--firstboot",
-            &firstboot,
-            "--mirror",
-            mirror.to_str().unwrap(),
-            "-o",
-            run.to_str().unwrap(),
-            "--boots",
-            "2",
-            "--floor",
-            "--deadline",
-            "900",
-        ],
-    );
+    let (out, text) = run_kiln_qemu_test(&[
+        "profiles/qemu-local.yaml",
+        "--firstboot",
+        &firstboot,
+        "--mirror",
+        mirror.to_str().unwrap(),
+        "-o",
+        run.to_str().unwrap(),
+        "--boots",
+        "2",
+        "--floor",
+        "--deadline",
+        "900",
+    ]);
     assert!(
         out.status.success(),
         "kiln qemu test failed; see the output above and {}",
