@@ -93,6 +93,19 @@ fn replace_atomic(
     sync_dir(dir)
 }
 
+/// Flushes the whole filesystem holding `path` (syncfs), for data another program wrote
+/// without fsync that must be on disk before we act on it.
+pub fn sync_filesystem(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncfs {}", path.display()));
+    }
+    Ok(())
+}
+
 /// fsync a directory so a rename in it survives power loss.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)

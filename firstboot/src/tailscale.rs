@@ -221,6 +221,9 @@ fn wait_running(cx: &Cx) -> Result<Status> {
     )
 }
 
+/// Where tailscaled keeps its node key and login state (`--statedir`).
+const TAILSCALED_STATE_DIR: &str = "/var/lib/tailscale";
+
 pub struct TailscaleStep;
 
 impl Step for TailscaleStep {
@@ -314,6 +317,15 @@ impl Step for TailscaleStep {
         tracing::info!(ips = %st.ips.join(","), name = %st.dns_name, "tailscale is Running");
         if let Some(key) = &cx.plan.tailscale.auth_key_file {
             let p = cx.root.path(key);
+            // The key is the only way back in if tailscaled's state were lost: its state must
+            // be on disk before the key goes. tailscaled does not fsync it, and a hard reset
+            // right after this step otherwise came back NeedsLogin with no key (VM chaos test).
+            let state_dir = cx.root.path(TAILSCALED_STATE_DIR);
+            crate::fs::sync_filesystem(if state_dir.is_dir() {
+                &state_dir
+            } else {
+                p.parent().unwrap_or(Path::new("/"))
+            })?;
             match fs::remove_file(&p) {
                 Ok(()) => crate::fs::sync_dir(p.parent().unwrap_or(Path::new("/")))?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
