@@ -13,6 +13,7 @@
 mod steps_common;
 
 use kiln_qemu::mirror::Fault;
+use kiln_qemu::testkit::journal_view;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
@@ -103,25 +104,6 @@ fn tree(root: &Path) -> Tree {
             } else {
                 (p, (mode, size, hash))
             }
-        })
-        .collect()
-}
-
-/// The journal's meaning: per step, whether its state is in place, and its facts.
-fn journal_view(root: &Path) -> Vec<(String, bool, Value)> {
-    let j: Value =
-        serde_json::from_slice(&fs::read(root.join("var/lib/kiln/journal.json")).unwrap()).unwrap();
-    j["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let state = s["state"].as_str().unwrap();
-            (
-                s["id"].as_str().unwrap().to_string(),
-                state == "done" || state == "skipped",
-                s["facts"].clone(),
-            )
         })
         .collect()
 }

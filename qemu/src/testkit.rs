@@ -177,3 +177,22 @@ pub fn publish_bundle(build: &Path, mirror: &Path) -> String {
     std::fs::write(dir.join(format!("bundle-{sha}.tar.gz")), &bundle).expect("writing bundle");
     sha
 }
+
+/// The journal's meaning, for comparing runs: per step, its id, whether it is in place (done or
+/// skipped) and its facts; times and attempt counts left out.
+pub fn journal_view(root: &Path) -> Vec<(String, bool, serde_json::Value)> {
+    let j = read_json(&root.join("var/lib/kiln/journal.json"));
+    j["steps"]
+        .as_array()
+        .expect("journal steps")
+        .iter()
+        .map(|s| {
+            let state = s["state"].as_str().unwrap_or("");
+            (
+                s["id"].as_str().unwrap_or("").to_string(),
+                state == "done" || state == "skipped",
+                s["facts"].clone(),
+            )
+        })
+        .collect()
+}

@@ -43,7 +43,8 @@ use kiln_qemu::mirror::{Fault, Mirror};
 use kiln_qemu::qga::Qga;
 use kiln_qemu::serial::{Event, Follower, TimedEvent};
 use kiln_qemu::testkit::{
-    build_profile, make_mirror, publish_bundle, repo, sha256_hex, target_dir, work_dir, WorkDir,
+    build_profile, journal_view, make_mirror, publish_bundle, repo, sha256_hex, target_dir,
+    work_dir, WorkDir,
 };
 use kiln_qemu::vm::Vm;
 use serde_json::{json, Value};
@@ -316,25 +317,6 @@ fn fingerprint(tree: &Path) -> (BTreeMap<String, String>, Vec<String>) {
         }
     }
     (fp, partials)
-}
-
-/// The journal's meaning: per step, in place or not, and its facts.
-fn journal_view(tree: &Path) -> Vec<(String, bool, Value)> {
-    let j: Value =
-        serde_json::from_slice(&fs::read(tree.join("var/lib/kiln/journal.json")).unwrap()).unwrap();
-    j["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let state = s["state"].as_str().unwrap_or("");
-            (
-                s["id"].as_str().unwrap_or("").to_string(),
-                state == "done" || state == "skipped",
-                s["facts"].clone(),
-            )
-        })
-        .collect()
 }
 
 /// status.json's meaning: the run state and, per step, in place or not.
