@@ -39,6 +39,8 @@ pub enum Command {
     Publish(crate::publish::Args),
     /// Azure helpers: `kiln azure terraform PROFILE`.
     Azure(crate::publish::AzureArgs),
+    /// Resolve or refresh every pin from upstream's checksum publications (needs network).
+    Lock(crate::lock::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +70,7 @@ pub fn main() -> ExitCode {
         Command::Bake(a) => report(crate::bake::run(&a)),
         Command::Publish(a) => report(crate::publish::run(&a)),
         Command::Azure(a) => report(crate::publish::run_azure(&a)),
+        Command::Lock(a) => report(crate::lock::run(&a)),
     }
 }
 
