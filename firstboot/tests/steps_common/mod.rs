@@ -59,7 +59,8 @@ fn artifact(base: &Url, pins: &Value, key: &str, name: &str) -> Artifact {
                 .unwrap()
                 .parse::<kiln_plan::Sha256>()
                 .unwrap(),
-            Some(pin["size"].as_u64().unwrap()),
+            // Pinned with its size when the pins say it (pins.json does).
+            pin["size"].as_u64(),
         ),
     }
 }
