@@ -39,6 +39,8 @@ pub enum Command {
     Publish(crate::publish::Args),
     /// Azure helpers: `kiln azure terraform PROFILE`.
     Azure(crate::publish::AzureArgs),
+    /// Resolve or refresh every pin from upstream's checksum publications (needs network).
+    Lock(crate::lock::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,6 +74,7 @@ pub fn main() -> ExitCode {
         Command::Bake(a) => report(crate::bake::run(&a)),
         Command::Publish(a) => report(crate::publish::run(&a)),
         Command::Azure(a) => report(crate::publish::run_azure(&a)),
+        Command::Lock(a) => report(crate::lock::run(&a)),
     }
 }
 
@@ -219,18 +222,18 @@ pub fn describe(r: &Resolved) -> String {
         let d = p.deadline(step).as_secs();
         let what = match step {
             StepId::K3s => format!(
-                "install K3s {} from {} (sha256 {}), write {} {}, start k3s and wait until the node is Ready",
+                "install K3s {} from {} (pin {}), write {} {}, start k3s and wait until the node is Ready",
                 p.k3s.version,
                 p.k3s.binary.url,
-                p.k3s.binary.sha256,
+                p.k3s.binary.pin,
                 kiln_plan::paths::K3S_CONFIG,
                 serde_json::to_string(&p.k3s.config).unwrap_or_default()
             ),
             StepId::Tailscale => format!(
-                "install Tailscale {} from {} (sha256 {}), join the tailnet as {}{} with the auth key <redacted>",
+                "install Tailscale {} from {} (pin {}), join the tailnet as {}{} with the auth key <redacted>",
                 p.tailscale.version,
                 p.tailscale.tarball.url,
-                p.tailscale.tarball.sha256,
+                p.tailscale.tarball.pin,
                 p.tailscale.hostname,
                 if p.tailscale.tags.is_empty() { String::new() } else { format!(" tagged {}", p.tailscale.tags.join(",")) }
             ),
@@ -244,10 +247,10 @@ pub fn describe(r: &Resolved) -> String {
                 p.tailscale.operator.hostname
             ),
             StepId::Argocd => format!(
-                "install Argo CD {} from {} (sha256 {}) into namespace {}, expose argocd-server on the tailnet as {} (ingress class {})",
+                "install Argo CD {} from {} (pin {}) into namespace {}, expose argocd-server on the tailnet as {} (ingress class {})",
                 p.argocd.version,
                 p.argocd.manifest.url,
-                p.argocd.manifest.sha256,
+                p.argocd.manifest.pin,
                 p.argocd.namespace,
                 p.argocd.ingress_host,
                 p.argocd.ingress_class

@@ -11,6 +11,8 @@ pub mod cmd_qemu;
 pub mod diag;
 pub mod elf;
 pub mod gzcache;
+pub mod lock;
+pub mod pins;
 pub mod pipeline;
 pub mod profile;
 pub mod publish;
