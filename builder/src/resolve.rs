@@ -155,6 +155,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     }
 
     let mut secrets = Vec::new();
+    let mut vault_secrets = Vec::new();
     let role = match &p.node.role {
         RoleSpec::Server => Role::Server,
         RoleSpec::Agent(a) => {
@@ -165,13 +166,15 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
                     "the K3s server URL must be https:// (e.g. https://server:6443)",
                 ));
             }
-            secrets.push(read_secret(
+            take_secret(
                 s,
                 env,
+                &mut secrets,
+                &mut vault_secrets,
                 &["node", "role", "agent", "token"],
                 &a.token,
                 K3S_TOKEN_FILE,
-            )?);
+            )?;
             Role::Agent {
                 server_url: a.server_url.clone(),
                 token_file: K3S_TOKEN_FILE.into(),
@@ -235,6 +238,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     let artifacts = Artifacts {
         air_gap: a.air_gap,
         local_dir: a.local_dir.clone(),
+        ca_bundle: crate::keyvault::ca_bundle(s, a.ca_bundle.as_deref())?,
     };
 
     // --- k3s
@@ -374,13 +378,15 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     placeholder_pin(&mut warnings, "tailscale.sha256", &t.sha256);
     let mint = t.api.as_ref().is_some_and(|a| a.mint_auth_key);
     match &t.auth_key {
-        Some(r) => secrets.push(read_secret(
+        Some(r) => take_secret(
             s,
             env,
+            &mut secrets,
+            &mut vault_secrets,
             &["tailscale", "auth-key"],
             r,
             TAILSCALE_AUTH_KEY_FILE,
-        )?),
+        )?,
         None if mint => {}
         None => {
             return Err(s.error(
@@ -446,13 +452,15 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             "the OAuth client id is the short id (e.g. kXXXXXXCNTRL), not the tskey-client- secret",
         ));
     }
-    secrets.push(read_secret(
+    take_secret(
         s,
         env,
+        &mut secrets,
+        &mut vault_secrets,
         &["tailscale", "operator", "oauth-client-secret"],
         &o.oauth_client_secret,
         TAILSCALE_OAUTH_SECRET_FILE,
-    )?);
+    )?;
     let chart_archive = o.chart_sha256.map(|sha256| {
         let name = format!("tailscale-operator-{chart_version}.tgz");
         let url = match &mirror {
@@ -572,13 +580,15 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
                     "username must not be empty",
                 ));
             }
-            secrets.push(read_secret(
+            take_secret(
                 s,
                 env,
+                &mut secrets,
+                &mut vault_secrets,
                 &["argocd", "gitops", "credentials", "password"],
                 &c.password,
                 GITOPS_PASSWORD_FILE,
-            )?);
+            )?;
             Some(RepoCredentials {
                 username: c.username.clone(),
                 password_file: GITOPS_PASSWORD_FILE.into(),
@@ -618,7 +628,16 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         gitops,
         manifests: Vec::new(),
         deadlines,
+        key_vault: crate::keyvault::plan_section(
+            s,
+            p.managed_identity.as_ref(),
+            vault_secrets,
+            &mut warnings,
+        )?,
     };
+    if matches!(delivery, Delivery::Url { .. }) {
+        warnings.extend(crate::keyvault::inline_secrets_warning(&secrets));
+    }
     let cloud = CloudSettings {
         hostname: p.node.hostname.clone(),
         admin_user: user.clone(),
@@ -665,6 +684,26 @@ fn check_argocd_compat(s: &Sources, argo: &Version, k3s: &Version) -> Result<(),
     Ok(())
 }
 
+/// A secret reference: a value read now (env, file), or a Key Vault reference the node
+/// resolves itself (no value at build time).
+fn take_secret(
+    s: &Sources,
+    env: Env,
+    secrets: &mut Vec<SecretFile>,
+    vault_secrets: &mut Vec<kiln_plan::keyvault::VaultSecret>,
+    at: &[&str],
+    r: &SecretRef,
+    node_path: &'static str,
+) -> Result<(), ProfileError> {
+    match r {
+        SecretRef::KeyVault(kv) => {
+            vault_secrets.push(crate::keyvault::reference(s, at, kv, node_path)?)
+        }
+        _ => secrets.push(read_secret(s, env, at, r, node_path)?),
+    }
+    Ok(())
+}
+
 fn read_secret(
     s: &Sources,
     env: Env,
@@ -693,6 +732,13 @@ fn read_secret(
                     ))
                 }
             }
+        }
+        SecretRef::KeyVault(_) => {
+            return Err(s.error(
+                &path,
+                false,
+                "a Key Vault reference has no value at build time",
+            ))
         }
         SecretRef::File(rel) => {
             path.push(Seg::Key("file".into()));
