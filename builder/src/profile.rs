@@ -335,7 +335,7 @@ pub enum DeliverySpec {
 pub enum SecretRef {
     Env(String),
     File(String),
-    KeyVault(crate::keyvault::KeyVaultRefSpec),
+    KeyVault(Box<crate::keyvault::KeyVaultRefSpec>),
 }
 
 impl fmt::Display for SecretRef {
