@@ -157,27 +157,14 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     let mut vault_secrets = Vec::new();
     let role = match &p.node.role {
         RoleSpec::Server => Role::Server,
-        RoleSpec::Agent(a) => {
-            if a.server_url.scheme() != "https" {
-                return Err(s.error(
-                    &key_path(&["node", "role", "agent", "server-url"]),
-                    false,
-                    "the K3s server URL must be https:// (e.g. https://server:6443)",
-                ));
-            }
-            take_secret(
-                s,
-                env,
-                &mut secrets,
-                &mut vault_secrets,
-                &["node", "role", "agent", "token"],
-                &a.token,
-                K3S_TOKEN_FILE,
-            )?;
-            Role::Agent {
-                server_url: a.server_url.clone(),
-                token_file: K3S_TOKEN_FILE.into(),
-            }
+        // An agent profile used to be accepted, and the daemon, which has no agent path yet,
+        // then booted a second server: refused until kiln-firstboot implements the agent role.
+        RoleSpec::Agent(_) => {
+            return Err(s.error(
+                &key_path(&["node", "role", "agent"]),
+                true,
+                "K3s agent nodes are not supported yet: kiln-firstboot would install a second server; build servers only (`role: server`)",
+            ))
         }
     };
 
