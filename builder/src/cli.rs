@@ -202,6 +202,12 @@ pub fn describe(r: &Resolved) -> String {
             sec.node_path, sec.source, sec.key
         ));
     }
+    for v in p.key_vault.iter().flat_map(|kv| &kv.secrets) {
+        line(format!(
+            "  - kiln-firstboot reads {} (0600 root) from Key Vault {} secret {} with the managed identity ({})",
+            v.file, v.vault, v.secret, v.key
+        ));
+    }
     match &r.delivery {
         Delivery::Url { base } => line(format!(
             "  - bootstrap: download {base}bundle-<sha256>.tar.gz, verify its sha256 with sha256sum, unpack, install and start kiln-firstboot"

@@ -28,6 +28,9 @@ pub struct Profile {
     /// Per-step deadline in seconds (the daemon stops retrying after it).
     #[serde(default)]
     pub deadlines: BTreeMap<StepId, u64>,
+    /// The VM's managed identity, for `{azure-key-vault: ...}` secrets (docs/keyvault.md).
+    #[serde(default)]
+    pub managed_identity: Option<crate::keyvault::ManagedIdentitySpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -322,6 +325,9 @@ pub struct ArtifactsSpec {
     pub air_gap: bool,
     #[serde(default)]
     pub local_dir: Option<String>,
+    /// PEM file (relative to this profile) of extra CAs the node's HTTP client trusts.
+    #[serde(default)]
+    pub ca_bundle: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -339,11 +345,13 @@ pub enum DeliverySpec {
 }
 
 /// A secret is never written in a profile: it is read from an environment variable or a file
-/// (relative to the directory of the profile file that names it).
+/// (relative to the directory of the profile file that names it) at build time, or by the
+/// node itself from Azure Key Vault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretRef {
     Env(String),
     File(String),
+    KeyVault(Box<crate::keyvault::KeyVaultRefSpec>),
 }
 
 impl fmt::Display for SecretRef {
@@ -351,6 +359,7 @@ impl fmt::Display for SecretRef {
         match self {
             SecretRef::Env(n) => write!(f, "env:{n}"),
             SecretRef::File(p) => write!(f, "file:{p}"),
+            SecretRef::KeyVault(r) => write!(f, "{r}"),
         }
     }
 }
@@ -358,11 +367,13 @@ impl fmt::Display for SecretRef {
 impl<'de> Deserialize<'de> for SecretRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
-        const HOW: &str = "secrets are never written in a profile: use {env: NAME} or {file: path}";
+        const HOW: &str = "secrets are never written in a profile: use {env: NAME}, {file: path} or {azure-key-vault: {vault: NAME, secret: NAME}}";
         impl<'de> Visitor<'de> for V {
             type Value = SecretRef;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("{env: NAME} or {file: path}")
+                f.write_str(
+                    "{env: NAME}, {file: path} or {azure-key-vault: {vault: NAME, secret: NAME}}",
+                )
             }
             fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretRef, E> {
                 Err(E::custom(format!(
@@ -377,14 +388,21 @@ impl<'de> Deserialize<'de> for SecretRef {
                             "a secret has exactly one source; {HOW}"
                         )));
                     }
+                    const KINDS: &[&str] = &["env", "file", "azure-key-vault"];
+                    if key == "azure-key-vault" {
+                        out = Some(SecretRef::KeyVault(map.next_value()?));
+                        continue;
+                    }
+                    if !KINDS.contains(&key.as_str()) {
+                        return Err(de::Error::unknown_field(&key, KINDS));
+                    }
                     let v: String = map.next_value()?;
                     if v.trim().is_empty() {
                         return Err(de::Error::custom(format!("`{key}` must not be empty")));
                     }
                     out = Some(match key.as_str() {
                         "env" => SecretRef::Env(v),
-                        "file" => SecretRef::File(v),
-                        other => return Err(de::Error::unknown_field(other, &["env", "file"])),
+                        _ => SecretRef::File(v),
                     });
                 }
                 out.ok_or_else(|| de::Error::custom(HOW))

@@ -378,6 +378,21 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
         &warnings,
     );
     files.push((BUILD_JSON, build_json));
+    let find = |n: &str| files.iter().find(|(f, _)| *f == n).map(|(_, d)| &d[..]);
+    crate::secret_scan::check(
+        &resolved.secrets,
+        &crate::secret_scan::Outputs {
+            user_data: std::str::from_utf8(find(USER_DATA).unwrap_or_default())?,
+            seed: find(SEED).unwrap_or_default(),
+            bundle_gz: find(BUNDLE).unwrap_or_default(),
+            others: vec![
+                ("plan.json", &plan_json),
+                ("meta-data", find(META_DATA).unwrap_or_default()),
+                ("build.json", find(BUILD_JSON).unwrap_or_default()),
+                ("the bootstrap", bootstrap.as_bytes()),
+            ],
+        },
+    )?;
     Ok(Rendered {
         plan,
         bundle_sha256,
@@ -409,6 +424,9 @@ fn build_json(
         .secrets
         .iter()
         .map(|s| json!({"key": s.key, "source": s.source, "node-path": s.node_path, "value": "<redacted>"}))
+        .chain(plan.key_vault.iter().flat_map(|kv| &kv.secrets).map(|v| {
+            json!({"key": v.key, "source": format!("azure-key-vault:{}/{}", v.vault, v.secret), "node-path": v.file, "value": "<read on the node>"})
+        }))
         .collect();
     let doc = json!({
         "kiln": env!("CARGO_PKG_VERSION"),

@@ -156,6 +156,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     }
 
     let mut secrets = Vec::new();
+    let mut vault_secrets = Vec::new();
     let role = match &p.node.role {
         RoleSpec::Server => Role::Server,
         // An agent profile used to be accepted, and the daemon, which has no agent path yet,
@@ -232,6 +233,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     let artifacts = Artifacts {
         air_gap: a.air_gap,
         local_dir: a.local_dir.clone(),
+        ca_bundle: crate::keyvault::ca_bundle(s, a.ca_bundle.as_deref())?,
     };
 
     // --- k3s
@@ -371,13 +373,15 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     let ts_pin = pins::require(s, &PinKeys::plain(&["tailscale"]), t.digest, t.size)?;
     let mint = t.api.as_ref().is_some_and(|a| a.mint_auth_key);
     match &t.auth_key {
-        Some(r) => secrets.push(read_secret(
+        Some(r) => take_secret(
             s,
             env,
+            &mut secrets,
+            &mut vault_secrets,
             &["tailscale", "auth-key"],
             r,
             TAILSCALE_AUTH_KEY_FILE,
-        )?),
+        )?,
         None if mint => {}
         None => {
             return Err(s.error(
@@ -443,13 +447,15 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             "the OAuth client id is the short id (e.g. kXXXXXXCNTRL), not the tskey-client- secret",
         ));
     }
-    secrets.push(read_secret(
+    take_secret(
         s,
         env,
+        &mut secrets,
+        &mut vault_secrets,
         &["tailscale", "operator", "oauth-client-secret"],
         &o.oauth_client_secret,
         TAILSCALE_OAUTH_SECRET_FILE,
-    )?);
+    )?;
     let chart_keys = PinKeys::new(
         key_path(&["tailscale", "operator"]),
         "chart-digest",
@@ -580,13 +586,15 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
                     "username must not be empty",
                 ));
             }
-            secrets.push(read_secret(
+            take_secret(
                 s,
                 env,
+                &mut secrets,
+                &mut vault_secrets,
                 &["argocd", "gitops", "credentials", "password"],
                 &c.password,
                 GITOPS_PASSWORD_FILE,
-            )?);
+            )?;
             Some(RepoCredentials {
                 username: c.username.clone(),
                 password_file: GITOPS_PASSWORD_FILE.into(),
@@ -626,7 +634,16 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         gitops,
         manifests: Vec::new(),
         deadlines,
+        key_vault: crate::keyvault::plan_section(
+            s,
+            p.managed_identity.as_ref(),
+            vault_secrets,
+            &mut warnings,
+        )?,
     };
+    if matches!(delivery, Delivery::Url { .. }) {
+        warnings.extend(crate::keyvault::inline_secrets_warning(&secrets));
+    }
     let cloud = CloudSettings {
         hostname: p.node.hostname.clone(),
         admin_user: user.clone(),
@@ -673,6 +690,26 @@ fn check_argocd_compat(s: &Sources, argo: &Version, k3s: &Version) -> Result<(),
     Ok(())
 }
 
+/// A secret reference: a value read now (env, file), or a Key Vault reference the node
+/// resolves itself (no value at build time).
+fn take_secret(
+    s: &Sources,
+    env: Env,
+    secrets: &mut Vec<SecretFile>,
+    vault_secrets: &mut Vec<kiln_plan::keyvault::VaultSecret>,
+    at: &[&str],
+    r: &SecretRef,
+    node_path: &'static str,
+) -> Result<(), ProfileError> {
+    match r {
+        SecretRef::KeyVault(kv) => {
+            vault_secrets.push(crate::keyvault::reference(s, at, kv, node_path)?)
+        }
+        _ => secrets.push(read_secret(s, env, at, r, node_path)?),
+    }
+    Ok(())
+}
+
 fn read_secret(
     s: &Sources,
     env: Env,
@@ -701,6 +738,13 @@ fn read_secret(
                     ))
                 }
             }
+        }
+        SecretRef::KeyVault(_) => {
+            return Err(s.error(
+                &path,
+                false,
+                "a Key Vault reference has no value at build time",
+            ))
         }
         SecretRef::File(rel) => {
             path.push(Seg::Key("file".into()));

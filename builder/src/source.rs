@@ -347,13 +347,13 @@ pub fn merge_value(base: &mut Value, over: Value) {
     }
 }
 
-/// `{env: NAME}` / `{file: path}`: replaced as a whole by a later file, never merged (a base's
+/// `{env: NAME}` / `{file: path}` / `{azure-key-vault: ...}`: replaced as a whole by a later file, never merged (a base's
 /// `file:` plus an override's `env:` would be two sources).
 pub fn is_secret_ref(v: &Value) -> bool {
     v.as_mapping().is_some_and(|m| {
         m.len() == 1
             && m.keys()
-                .all(|k| matches!(k.as_str(), Some("env") | Some("file")))
+                .all(|k| matches!(k.as_str(), Some("env" | "file" | "azure-key-vault")))
     })
 }
 
@@ -365,7 +365,7 @@ fn index_is_secret_ref(index: &BTreeMap<KeyPath, Located>, path: &KeyPath) -> bo
         .map(|(k, _)| k)
         .collect();
     children.len() == 1
-        && matches!(children[0].last(), Some(Seg::Key(k)) if k == "env" || k == "file")
+        && matches!(children[0].last(), Some(Seg::Key(k)) if matches!(k.as_str(), "env" | "file" | "azure-key-vault"))
 }
 
 fn merge_index(base: &mut BTreeMap<KeyPath, Located>, over: BTreeMap<KeyPath, Located>) {

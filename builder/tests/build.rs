@@ -144,7 +144,12 @@ fn build_json_lists_every_output_with_size_and_sha256_and_redacts_secrets() {
         doc["budget"]["custom_data_gz"].as_u64().unwrap() as usize,
         r.file("custom_data.gz").len()
     );
-    assert_eq!(doc["secrets"][0]["value"], "<redacted>");
+    // The reference profile's secrets are Key Vault references: listed, with no value.
+    assert_eq!(doc["secrets"][0]["value"], "<read on the node>");
+    assert_eq!(
+        doc["secrets"][0]["source"],
+        "azure-key-vault:ameciclo-kv/tailscale-auth-key"
+    );
     let all = String::from_utf8(r.file("build.json").to_vec()).unwrap();
     for s in FAKE_SECRETS {
         assert!(!all.contains(s), "build.json leaks a secret");

@@ -197,7 +197,25 @@ fn kiln_plan_prints_every_step_with_secrets_redacted() {
     ] {
         assert!(out.contains(step), "missing {step}:\n{out}");
     }
-    assert!(out.contains("<redacted> from file:secrets.example/tailscale-auth-key"));
+    assert!(
+        out.contains("reads /etc/kiln/secrets/tailscale-auth-key (0600 root) from Key Vault ameciclo-kv secret tailscale-auth-key"),
+        "{out}"
+    );
+    // File secrets (the QEMU profile's) are named by their source, never shown.
+    let local = Command::new(common::kiln_bin())
+        .arg("plan")
+        .arg(common::repo().join("profiles/qemu-local.yaml"))
+        .output()
+        .unwrap();
+    let local = String::from_utf8_lossy(&local.stdout);
+    assert!(
+        local.contains("<redacted> from file:secrets.example/tailscale-auth-key"),
+        "{local}"
+    );
+    assert!(
+        !local.contains("tskey-auth-FAKE"),
+        "secret printed:\n{local}"
+    );
     assert!(
         out.contains("https://github.com/ameciclo/groundwork.git at HEAD path azure/kubernetes")
     );

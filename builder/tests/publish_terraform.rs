@@ -35,7 +35,8 @@ fn vm_uses_the_jammy_gen2_image_the_b2as_v2_size_and_gzip_custom_data() {
         "version   = \"latest\"",
         "custom_data = filebase64(var.custom_data_path)",
         "disable_password_authentication = true",
-        "type = \"SystemAssigned\"",
+        "identity_ids = [azurerm_user_assigned_identity.node.id]",
+        "depends_on = [azurerm_role_assignment.node_secrets_user]",
     ] {
         assert!(vm.contains(needle), "VM block lacks {needle:?}");
     }
@@ -70,7 +71,7 @@ fn written_directory_holds_the_example_and_tfvars_and_is_terraform_formatted() {
         bundle_container: Some("kiln".into()),
     };
     let written = terraform::write(dir.path(), &vars).unwrap();
-    assert_eq!(written.len(), 4);
+    assert_eq!(written.len(), FILES.len() + 1);
     for (name, text) in FILES {
         let on_disk = std::fs::read_to_string(dir.path().join(name)).unwrap();
         let example = std::fs::read_to_string(
@@ -128,4 +129,30 @@ fn reference_profile_fills_the_tfvars_hostname_admin_and_keys() {
     assert_eq!(vars.admin_ssh_public_keys.len(), 1);
     terraform::write(&args.out, &vars).unwrap();
     assert!(args.out.join("kiln.auto.tfvars.json").is_file());
+}
+
+#[test]
+fn key_vault_is_rbac_and_only_the_nodes_identity_reads_its_secrets() {
+    let kv = code(FILES.iter().find(|(n, _)| *n == "keyvault.tf").unwrap().1);
+    let vault = block(&kv, "resource \"azurerm_key_vault\" \"kiln\"");
+    assert!(
+        vault.contains("enable_rbac_authorization  = true"),
+        "{vault}"
+    );
+    assert!(
+        !kv.contains("access_policy"),
+        "RBAC mode has no access policies"
+    );
+    let reader = block(
+        &kv,
+        "resource \"azurerm_role_assignment\" \"node_secrets_user\"",
+    );
+    assert!(reader.contains("role_definition_name = \"Key Vault Secrets User\""));
+    assert!(
+        reader.contains("principal_id         = azurerm_user_assigned_identity.node.principal_id")
+    );
+    assert!(kv.contains("resource \"azurerm_user_assigned_identity\" \"node\""));
+    assert!(kv.contains("output \"identity_client_id\""));
+    // Secret values never go through Terraform (its state would hold them).
+    assert!(!kv.contains("azurerm_key_vault_secret"));
 }

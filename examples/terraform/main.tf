@@ -130,12 +130,17 @@ resource "azurerm_linux_virtual_machine" "node" {
   # Serial console and boot diagnostics without a public IP (managed storage account).
   boot_diagnostics {}
 
-  dynamic "identity" {
-    for_each = var.managed_identity ? [1] : []
-    content {
-      type = "SystemAssigned"
-    }
+  # The user-assigned identity reads the node's secrets from Key Vault (keyvault.tf); the
+  # optional system-assigned one reads the bundle container.
+  identity {
+    type         = var.managed_identity ? "SystemAssigned, UserAssigned" : "UserAssigned"
+    identity_ids = [azurerm_user_assigned_identity.node.id]
   }
+
+  # The node reads its secrets on first boot: the role must exist before it boots (Azure
+  # still takes minutes to propagate a new assignment; a 403 then is retried by restarting
+  # kiln-firstboot, which resumes at the failed step).
+  depends_on = [azurerm_role_assignment.node_secrets_user]
 
   # custom_data is read only at provisioning; changing it means rebuilding the node, which kiln
   # supports by design (same profile → same payload). Keep Terraform from doing it silently.

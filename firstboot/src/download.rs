@@ -232,6 +232,8 @@ pub struct Fetcher {
     cache_dir: PathBuf,
     local_dir: Option<PathBuf>,
     air_gap: bool,
+    /// The plan's extra CAs (PEM), trusted besides the system store.
+    ca_bundle: Option<String>,
     policy: FetchPolicy,
     /// Built on first use: a re-verify run that finds everything cached never starts the
     /// HTTP client (and its runtime thread).
@@ -252,6 +254,7 @@ impl Fetcher {
             cache_dir: root.path(paths::CACHE_DIR),
             local_dir: artifacts.local_dir.as_ref().map(|d| root.path(d)),
             air_gap: artifacts.air_gap,
+            ca_bundle: artifacts.ca_bundle.clone(),
             policy,
             client: OnceLock::new(),
             deadline: Mutex::new(None),
@@ -289,7 +292,13 @@ impl Fetcher {
         // reqwest is built without a default crypto provider (ring keeps the static binary
         // small); the process-wide one must exist before any client. Err = already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let extra = match &self.ca_bundle {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .context("the plan's CA bundle (artifacts.ca-bundle) is not valid PEM")?,
+            None => Vec::new(),
+        };
         let c = reqwest::blocking::Client::builder()
+            .tls_certs_merge(extra)
             .connect_timeout(self.policy.connect_timeout)
             // In the blocking client this bounds each wait: for the response head and for every
             // body read, i.e. a read timeout, not a cap on the whole transfer.

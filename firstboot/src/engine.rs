@@ -34,9 +34,11 @@ impl Cx<'_> {
         self.deadline.saturating_duration_since(Instant::now())
     }
 
-    /// Reads a secret file (a node path from the plan, e.g. the Tailscale auth key), trimming
-    /// one trailing newline. Errors name the path, never the content.
+    /// Reads a secret file (a node path from the plan, e.g. the Tailscale auth key; fetched
+    /// first when the plan takes it from Key Vault), trimming trailing newlines. Errors name the path, never the content.
     pub fn read_secret(&self, node_path: &str) -> Result<Secret> {
+        // A Key Vault reference is read from its vault the first time it is needed.
+        crate::keyvault::ensure(self, node_path)?;
         let p = self.root.path(node_path);
         let mut s = std::fs::read_to_string(&p)
             .with_context(|| format!("reading secret file {}", p.display()))?;

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod fs;
 pub mod journal;
 pub mod k3s;
+pub mod keyvault;
 pub mod stage;
 pub mod status;
 pub mod systemd;

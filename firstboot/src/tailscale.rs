@@ -289,7 +289,11 @@ impl Step for TailscaleStep {
                     crate::tailscale_api::before_join(cx)?;
                 }
                 // NeedsLogin needs the key; Stopped (someone ran `tailscale down`) comes back
-                // up with the same flags, with the key if it is still there.
+                // up with the same flags, with the key if it is still there. A key kept in
+                // Key Vault is read from it now (keyvault.rs).
+                if let (Some(k), false) = (&cx.plan.tailscale.auth_key_file, state == "Stopped") {
+                    crate::keyvault::ensure(cx, k)?;
+                }
                 let key = cx
                     .plan
                     .tailscale

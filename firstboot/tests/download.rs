@@ -67,6 +67,7 @@ fn online() -> Artifacts {
     Artifacts {
         air_gap: false,
         local_dir: None,
+        ca_bundle: None,
     }
 }
 
@@ -292,6 +293,7 @@ fn air_gap_uses_the_local_dir_and_never_the_network() {
     let gapped = Artifacts {
         air_gap: true,
         local_dir: Some("/opt/kiln-artifacts".into()),
+        ca_bundle: None,
     };
     let e = fetcher(&s, gapped.clone()).fetch(&s.artifact).unwrap_err();
     assert!(

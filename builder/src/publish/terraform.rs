@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-pub const FILES: [(&str, &str); 3] = [
+pub const FILES: [(&str, &str); 4] = [
     (
         "main.tf",
         include_str!("../../../examples/terraform/main.tf"),
@@ -20,6 +20,10 @@ pub const FILES: [(&str, &str); 3] = [
     (
         "outputs.tf",
         include_str!("../../../examples/terraform/outputs.tf"),
+    ),
+    (
+        "keyvault.tf",
+        include_str!("../../../examples/terraform/keyvault.tf"),
     ),
 ];
 

@@ -4,9 +4,11 @@
 //! (`kiln-firstboot`). The builder resolves a profile into a [`Plan`]; the daemon reads it and
 //! never sees the profile. Every struct denies unknown fields, so a plan written by a newer
 //! builder is refused rather than half-understood. Secrets are never in the plan: it names the
-//! node paths of the secret files (written 0600 by cloud-init) instead.
+//! node paths of the secret files (written 0600 by cloud-init, or by the daemon from a Key
+//! Vault reference, [`keyvault`]) instead.
 
 pub mod k3s_config;
+pub mod keyvault;
 pub mod manifests;
 pub mod paths;
 pub mod types;
@@ -35,6 +37,9 @@ pub struct Plan {
     pub manifests: Vec<BundledManifest>,
     /// Overall deadline per step, seconds; retries stop when it passes.
     pub deadlines: BTreeMap<StepId, u64>,
+    /// Secrets the node reads from Azure Key Vault itself (references only, never values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_vault: Option<keyvault::KeyVault>,
 }
 
 impl Plan {
@@ -163,6 +168,10 @@ pub struct Artifacts {
     /// A directory on the node holding artifacts by file name (an attached disk, a baked image).
     #[serde(default)]
     pub local_dir: Option<String>,
+    /// Extra CA certificates (PEM) the daemon's HTTP client trusts besides the system store:
+    /// private CAs of mirrors, vaults or identity endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 /// One downloadable file, pinned.

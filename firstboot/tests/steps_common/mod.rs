@@ -90,6 +90,7 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
         artifacts: Artifacts {
             air_gap: false,
             local_dir: None,
+            ca_bundle: None,
         },
         k3s: K3s {
             version: "v1.32.4+k3s1".parse().unwrap(),
@@ -135,6 +136,7 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
         },
         manifests: Vec::new(),
         deadlines: StepId::ALL.iter().map(|s| (*s, 90)).collect(),
+        key_vault: None,
     };
     pin_manifests(&mut plan);
     plan

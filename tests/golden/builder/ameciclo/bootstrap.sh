@@ -13,7 +13,7 @@ chmod 0700 /etc/kiln/secrets
 if [ -f "$tarball" ] && verify "$tarball"; then
   say "bundle already present and verified"
 else
-  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-b8f3f1cea26a63b7aac29d56b92c2dd5fff439f3cca98cb7318c15e082fef310.tar.gz'
+  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-7d42e3df19bdf9e0f65c79476e9b5d0f46aaf0ceb7d2d71727367fa1970e97b4.tar.gz'
   say "fetching $url"
   rm -f "$tarball.partial"
   curl -fsSL --retry 30 --retry-delay 5 --retry-all-errors --connect-timeout 20 --max-time 900 \
