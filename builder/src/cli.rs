@@ -39,6 +39,8 @@ pub enum Command {
     Publish(crate::publish::Args),
     /// Azure helpers: `kiln azure terraform PROFILE`.
     Azure(crate::publish::AzureArgs),
+    /// GitOps helpers: `kiln gitops check PROFILE --checkout DIR`.
+    Gitops(crate::cmd_gitops::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +52,9 @@ pub struct BuildArgs {
     /// The static kiln-firstboot binary to ship (default: next to kiln, or the static build).
     #[arg(long)]
     pub firstboot: Option<PathBuf>,
+    /// Run `kiln gitops check` on this checkout first and refuse to build on findings.
+    #[arg(long)]
+    pub gitops_checkout: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +73,7 @@ pub fn main() -> ExitCode {
         Command::Bake(a) => report(crate::bake::run(&a)),
         Command::Publish(a) => report(crate::publish::run(&a)),
         Command::Azure(a) => report(crate::publish::run_azure(&a)),
+        Command::Gitops(a) => crate::cmd_gitops::run(a),
     }
 }
 
@@ -94,7 +100,10 @@ fn warn(warnings: &[String]) {
 pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
     let epoch = render::source_date_epoch()?;
     // Profile errors first: they need no daemon.
-    pipeline::resolve(&a.profile, &resolve::process_env)?;
+    let (_, resolved) = pipeline::resolve(&a.profile, &resolve::process_env)?;
+    if let Some(dir) = &a.gitops_checkout {
+        crate::cmd_gitops::gate(&resolved, &a.profile, dir)?;
+    }
     let daemon_path = elf::find_daemon(a.firstboot.as_deref())?;
     let daemon = elf::load_daemon(&daemon_path)?;
     let (_, rendered) = pipeline::build(&a.profile, &daemon, epoch, &resolve::process_env)?;

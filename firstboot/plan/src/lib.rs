@@ -6,11 +6,13 @@
 //! builder is refused rather than half-understood. Secrets are never in the plan: it names the
 //! node paths of the secret files (written 0600 by cloud-init) instead.
 
+pub mod gitops_source;
 pub mod k3s_config;
 pub mod manifests;
 pub mod paths;
 pub mod types;
 
+pub use gitops_source::{DirectoryOptions, GitOpsSource, HelmOptions};
 pub use types::{ParseError, Secret, Sha256, Version};
 pub use url::Url;
 
@@ -276,6 +278,9 @@ pub struct GitOps {
     pub path: String,
     #[serde(default)]
     pub credentials: Option<RepoCredentials>,
+    /// How Argo CD reads `path` (default: a non-recursive directory source, as Argo CD's).
+    #[serde(default)]
+    pub source: GitOpsSource,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
