@@ -233,3 +233,62 @@ fn argo_cd_kinds_in_the_served_table_are_the_crds_of_install_yaml() {
     }
     assert_eq!(n, 3, "Application, ApplicationSet, AppProject");
 }
+
+/// Each source option renders into the root Application as Argo CD names it, and the result
+/// is valid for the Argo CD v3.4.7 Application CRD (closed objects: a misspelt field fails).
+#[test]
+fn every_source_option_renders_a_root_application_valid_for_the_v3_4_7_crd() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::repo().join("tests/profiles/good/base.yaml");
+    let cases = [
+        // No option: Argo CD's default, a directory source that is not recursive.
+        (
+            "    path: apps\n",
+            serde_json::json!({"directory": {"recurse": false}}),
+        ),
+        (
+            "    directory: {recurse: true, include: '{*.yaml,kong/*}', exclude: 'values.yaml'}\n",
+            serde_json::json!({"directory": {"recurse": true, "include": "{*.yaml,kong/*}", "exclude": "values.yaml"}}),
+        ),
+        ("    kustomize: {}\n", serde_json::json!({"kustomize": {}})),
+        (
+            "    helm: {value-files: [values.yaml, values-prod.yaml]}\n",
+            serde_json::json!({"helm": {"valueFiles": ["values.yaml", "values-prod.yaml"]}}),
+        ),
+    ];
+    for (i, (yaml, want)) in cases.iter().enumerate() {
+        let p = dir.path().join(format!("p{i}.yaml"));
+        std::fs::write(
+            &p,
+            format!("extends: {}\nargocd:\n  gitops:\n{yaml}", base.display()),
+        )
+        .unwrap();
+        let (_, resolved) = kiln::pipeline::resolve(&p, &common::no_env).unwrap();
+        let app =
+            serde_json::to_value(kiln_plan::manifests::root_application(&resolved.plan)).unwrap();
+        let src = &app["spec"]["source"];
+        for k in ["directory", "kustomize", "helm"] {
+            assert_eq!(src.get(k), want.get(k), "case {i}: {src}");
+        }
+        let v =
+            kiln::gitops::kinds::validate("argoproj.io/v1alpha1", "Application", &app, 10).unwrap();
+        assert_eq!(v, vec![], "case {i}: {app}");
+    }
+    // The check bites: a field Argo CD does not know.
+    let mut bad = serde_json::to_value(kiln_plan::manifests::root_application(
+        &kiln::pipeline::resolve(
+            &common::repo().join("profiles/ameciclo.yaml"),
+            &common::no_env,
+        )
+        .unwrap()
+        .1
+        .plan,
+    ))
+    .unwrap();
+    bad["spec"]["source"]["directory"]["recursive"] = serde_json::json!(true);
+    assert!(
+        !kiln::gitops::kinds::validate("argoproj.io/v1alpha1", "Application", &bad, 10)
+            .unwrap()
+            .is_empty()
+    );
+}
