@@ -247,11 +247,12 @@ pub fn describe(r: &Resolved) -> String {
                 p.argocd.ingress_class
             ),
             StepId::Gitops => format!(
-                "create the root Application {} for {} at {} path {}{} (automated sync, prune, self-heal)",
+                "create the root Application {} for {} at {} path {} ({}){} (automated sync, prune, self-heal)",
                 p.gitops.app_name,
                 p.gitops.repo_url,
                 p.gitops.revision,
                 p.gitops.path,
+                serde_json::to_string(&p.gitops.source).unwrap_or_default(),
                 match &p.gitops.credentials {
                     Some(c) => format!(", repository credentials {} / <redacted>", c.username),
                     None => String::new(),
