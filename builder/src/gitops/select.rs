@@ -198,3 +198,83 @@ impl Walk<'_> {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        let repo = t.path().join("repo");
+        let app = repo.join("app");
+        fs::create_dir_all(app.join("sub/deeper")).unwrap();
+        for f in [
+            "a.yaml",
+            "b.yml",
+            "c.json",
+            "d.jsonnet",
+            "README.md",
+            "sub/e.yaml",
+            "sub/deeper/f.yaml",
+        ] {
+            fs::write(app.join(f), "kind: X\n").unwrap();
+        }
+        fs::write(
+            app.join("skip.yaml"),
+            "# +argocd:skip-file-rendering\nkind: X\n",
+        )
+        .unwrap();
+        fs::write(t.path().join("outside.yaml"), "kind: X\n").unwrap();
+        std::os::unix::fs::symlink("../../outside.yaml", app.join("out.yaml")).unwrap();
+        std::os::unix::fs::symlink("missing.yaml", app.join("dangling.yaml")).unwrap();
+        std::os::unix::fs::symlink("a.yaml", app.join("z-link.yaml")).unwrap();
+        t
+    }
+
+    fn names(opts: DirectoryOptions) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let t = tree();
+        let s = select(&t.path().join("repo"), "app", &opts).unwrap();
+        (
+            s.files.iter().map(|f| f.rel.clone()).collect(),
+            s.jsonnet,
+            s.refused.iter().map(|r| r.repo_rel.clone()).collect(),
+        )
+    }
+
+    #[test]
+    fn a_directory_source_reads_what_argo_cd_reads() {
+        // Default: not recursive; manifest names only; skip marker honoured; a symlink out of
+        // the repository refused, a dangling one skipped, one inside followed.
+        let (files, jsonnet, refused) = names(DirectoryOptions::default());
+        assert_eq!(files, ["a.yaml", "b.yml", "c.json", "z-link.yaml"]);
+        assert_eq!(jsonnet, ["app/d.jsonnet"]);
+        assert_eq!(refused, ["app/out.yaml"]);
+        // recurse, lexical order, paths relative to the app path.
+        let (files, _, _) = names(DirectoryOptions {
+            recurse: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            files,
+            [
+                "a.yaml",
+                "b.yml",
+                "c.json",
+                "sub/deeper/f.yaml",
+                "sub/e.yaml",
+                "z-link.yaml"
+            ]
+        );
+        // include '*.yaml' crosses directories; exclude 'sub/*' takes the whole subtree.
+        let (files, _, refused) = names(DirectoryOptions {
+            recurse: true,
+            include: Some("*.yaml".into()),
+            exclude: Some("{sub/*,out.yaml}".into()),
+        });
+        assert_eq!(files, ["a.yaml", "z-link.yaml"]);
+        // Argo CD resolves a symlink before it matches exclude: one pointing out of the
+        // repository fails the Application even when excluded.
+        assert_eq!(refused, ["app/out.yaml"]);
+    }
+}
