@@ -451,25 +451,36 @@ impl Ctx<'_> {
     }
 
     /// One decoded object (or a List's items); returns the objects it counts for.
+    /// A List's items, each judged as an object.
+    fn list(&mut self, app: &App, f: &Selected, d: &Doc, items: &[Value], ptr: &str) -> usize {
+        let mut n = 0;
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{ptr}/items/{i}");
+            if item.is_object()
+                && item
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .is_some_and(|k| !k.is_empty())
+            {
+                n += self.object(app, f, d, item, &p);
+            } else {
+                self.report.findings.push(finding(
+                    &f.repo_rel,
+                    Some(d.line_of(&p)),
+                    Class::NoKind,
+                    &app.name,
+                    "a List item without a kind: Argo CD cannot load it (Object 'Kind' is missing)"
+                        .into(),
+                    "give every item apiVersion and kind".into(),
+                ));
+            }
+        }
+        n
+    }
+
     fn object(&mut self, app: &App, f: &Selected, d: &Doc, obj: &Value, ptr: &str) -> usize {
         if let Some(items) = obj.get("items").and_then(Value::as_array) {
-            let mut n = 0;
-            for (i, item) in items.iter().enumerate() {
-                let p = format!("{ptr}/items/{i}");
-                if item.is_object()
-                    && item
-                        .get("kind")
-                        .and_then(Value::as_str)
-                        .is_some_and(|k| !k.is_empty())
-                {
-                    n += self.object(app, f, d, item, &p);
-                } else {
-                    self.report.findings.push(finding(&f.repo_rel, Some(d.line_of(&p)), Class::NoKind, &app.name,
-                        "a List item without a kind: Argo CD cannot load it (Object 'Kind' is missing)".into(),
-                        "give every item apiVersion and kind".into()));
-                }
-            }
-            return n;
+            return self.list(app, f, d, items, ptr);
         }
         if obj.get("items").is_some_and(Value::is_null)
             && obj.get("spec").is_none()
@@ -538,6 +549,21 @@ impl Ctx<'_> {
             ));
             return 1;
         }
+        self.known(app, f, d, obj, ptr, (&api, &kind, line));
+        1
+    }
+
+    /// A served object: its schema, and what an Application or ApplicationSet leads to.
+    fn known(
+        &mut self,
+        app: &App,
+        f: &Selected,
+        d: &Doc,
+        obj: &Value,
+        ptr: &str,
+        what: (&str, &str, usize),
+    ) {
+        let (api, kind, line) = (what.0.to_string(), what.1.to_string(), what.2);
         if let Some(violations) = kinds::validate(&api, &kind, obj, MAX_VIOLATIONS) {
             let name = obj["metadata"]["name"].as_str().unwrap_or("?");
             for v in violations {
@@ -570,7 +596,6 @@ impl Ctx<'_> {
                 objects: 0,
             });
         }
-        1
     }
 
     fn not_served(&self, group: &str, version: &str, kind: &str, api: &str) -> (String, String) {

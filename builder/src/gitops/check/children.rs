@@ -84,46 +84,10 @@ impl Ctx<'_> {
             let dir = self
                 .checkout
                 .join(if path.is_empty() { "." } else { &path });
-            let discovered = match types.first() {
-                Some(t) => t.to_string(),
-                None if dir.join("Chart.yaml").is_file() => "helm".into(),
-                None if ["kustomization.yaml", "kustomization.yml", "Kustomization"]
-                    .iter()
-                    .any(|k| dir.join(k).is_file()) =>
-                {
-                    "kustomize".into()
-                }
-                None => "directory".into(),
-            };
-            let source = match discovered.as_str() {
-                "directory" => {
-                    let dv = &src["directory"];
-                    GitOpsSource::Directory(DirectoryOptions {
-                        recurse: dv["recurse"].as_bool().unwrap_or(false),
-                        include: dv["include"]
-                            .as_str()
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_string),
-                        exclude: dv["exclude"]
-                            .as_str()
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_string),
-                    })
-                }
-                "kustomize" => GitOpsSource::Kustomize {},
-                "helm" => GitOpsSource::Helm(HelmOptions {
-                    value_files: src["helm"]["valueFiles"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect(),
-                }),
-                other => {
-                    report.source = other.to_string();
-                    self.report.applications.push(report);
-                    continue;
-                }
+            let Some(source) = source_type(src, types.first().copied(), &dir) else {
+                report.source = "plugin".into();
+                self.report.applications.push(report);
+                continue;
             };
             self.queue.push_back(App {
                 name: name.clone(),
@@ -133,4 +97,41 @@ impl Ctx<'_> {
             });
         }
     }
+}
+
+/// The child's source type: the explicit one, or what Argo CD discovers at the path
+/// (`Chart.yaml` → Helm, a kustomization → Kustomize, else a directory). `None` for a plugin.
+fn source_type(src: &Value, explicit: Option<&str>, dir: &std::path::Path) -> Option<GitOpsSource> {
+    let discovered = match explicit {
+        Some(t) => t,
+        None if dir.join("Chart.yaml").is_file() => "helm",
+        None if ["kustomization.yaml", "kustomization.yml", "Kustomization"]
+            .iter()
+            .any(|k| dir.join(k).is_file()) =>
+        {
+            "kustomize"
+        }
+        None => "directory",
+    };
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
+    Some(match discovered {
+        "directory" => {
+            let dv = &src["directory"];
+            GitOpsSource::Directory(DirectoryOptions {
+                recurse: dv["recurse"].as_bool().unwrap_or(false),
+                include: text(&dv["include"]),
+                exclude: text(&dv["exclude"]),
+            })
+        }
+        "kustomize" => GitOpsSource::Kustomize {},
+        "helm" => GitOpsSource::Helm(HelmOptions {
+            value_files: src["helm"]["valueFiles"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+        }),
+        _ => return None,
+    })
 }
