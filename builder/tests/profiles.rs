@@ -65,8 +65,8 @@ fn defaults_match_the_documented_ones() {
     assert_eq!(p.tailscale.operator.hostname, "tailscale-operator");
     assert_eq!(p.argocd.version.to_string(), "v3.4.7");
     assert_eq!(
-        p.argocd.manifest.sha256.to_hex(),
-        "11016889371e4b1e3754b7ba2494b36ab1111338bd2362d499abe3ff2f63c906"
+        p.argocd.manifest.pin.to_string(),
+        "sha256:11016889371e4b1e3754b7ba2494b36ab1111338bd2362d499abe3ff2f63c906 (1890752 bytes)"
     );
     assert_eq!(
         p.argocd.manifest.url.as_str(),
@@ -203,8 +203,10 @@ fn kiln_plan_prints_every_step_with_secrets_redacted() {
     );
     assert!(!out.contains("tskey-auth-FAKE"), "secret printed:\n{out}");
     assert!(!out.contains("tskey-client-FAKE"), "secret printed:\n{out}");
-    // The reference profile's K3s pin is the documented placeholder: kiln says so.
-    assert!(String::from_utf8_lossy(&o.stderr).contains("k3s.sha256 is the all-zero placeholder"));
+    // The reference profile pins the real K3s binary (sha512 and size, see its comment).
+    assert!(out.contains("(pin sha512:e03c94e86e5e03cf"), "{out}");
+    assert!(out.contains("(71385240 bytes)"), "{out}");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("placeholder"));
 }
 
 #[test]

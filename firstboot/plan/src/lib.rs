@@ -13,7 +13,7 @@ pub mod paths;
 pub mod types;
 
 pub use gitops_source::{DirectoryOptions, GitOpsSource, HelmOptions};
-pub use types::{ParseError, Secret, Sha256, Version};
+pub use types::{Digest, Hasher, Hashes, ParseError, Pin, Secret, Sha256, Sha512, Version};
 pub use url::Url;
 
 use serde::{Deserialize, Serialize};
@@ -174,7 +174,8 @@ pub struct Artifact {
     /// File name, used in the cache and when looking in `local-dir`.
     pub name: String,
     pub url: Url,
-    pub sha256: Sha256,
+    /// `sha256:`/`sha512:` digest and optional size; the cache file is named by the digest.
+    pub pin: Pin,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,7 +183,8 @@ pub struct Artifact {
 pub struct K3s {
     pub version: Version,
     pub binary: Artifact,
-    /// The release's `sha256sum-amd64.txt`; the pin must agree with its `k3s` line.
+    /// The release's `sha256sum-amd64.txt`: the downloaded binary must match both the pin and
+    /// the sha256 on its `k3s` line.
     #[serde(default)]
     pub checksums_url: Option<Url>,
     /// The complete `/etc/rancher/k3s/config.yaml`, keys already checked against the allowed
@@ -261,7 +263,7 @@ pub struct TailscaleOperator {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ArgoCd {
     pub version: Version,
-    /// Upstream `install.yaml`, pinned by our own sha256 (upstream publishes none).
+    /// Upstream `install.yaml`, pinned by our own digest (upstream publishes none).
     pub manifest: Artifact,
     pub namespace: String,
     /// First label of the Tailscale Ingress TLS host: the device name in the tailnet.

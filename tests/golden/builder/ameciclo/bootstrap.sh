@@ -13,7 +13,7 @@ chmod 0700 /etc/kiln/secrets
 if [ -f "$tarball" ] && verify "$tarball"; then
   say "bundle already present and verified"
 else
-  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-6a0bc2509dbc80733be1d303f2a5ffaf5ff4b238e21195b544d81bfa312698a1.tar.gz'
+  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-4b3c9a55e21f814e52e132ca2aa10c57c626c1b6a20fba13ecb06f016d919891.tar.gz'
   say "fetching $url"
   rm -f "$tarball.partial"
   curl -fsSL --retry 30 --retry-delay 5 --retry-all-errors --connect-timeout 20 --max-time 900 \
