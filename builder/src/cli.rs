@@ -39,6 +39,8 @@ pub enum Command {
     Publish(crate::publish::Args),
     /// Azure helpers: `kiln azure terraform PROFILE`.
     Azure(crate::publish::AzureArgs),
+    /// GitOps helpers: `kiln gitops check PROFILE --checkout DIR`.
+    Gitops(crate::cmd_gitops::Args),
     /// Resolve or refresh every pin from upstream's checksum publications (needs network).
     Lock(crate::lock::Args),
 }
@@ -52,6 +54,9 @@ pub struct BuildArgs {
     /// The static kiln-firstboot binary to ship (default: next to kiln, or the static build).
     #[arg(long)]
     pub firstboot: Option<PathBuf>,
+    /// Run `kiln gitops check` on this checkout first and refuse to build on findings.
+    #[arg(long)]
+    pub gitops_checkout: Option<PathBuf>,
     /// Compress every bundle member again instead of reusing the member cache
     /// (`~/.cache/kiln/gz-members`; the output bytes are the same either way).
     #[arg(long)]
@@ -74,6 +79,7 @@ pub fn main() -> ExitCode {
         Command::Bake(a) => report(crate::bake::run(&a)),
         Command::Publish(a) => report(crate::publish::run(&a)),
         Command::Azure(a) => report(crate::publish::run_azure(&a)),
+        Command::Gitops(a) => crate::cmd_gitops::run(a),
         Command::Lock(a) => report(crate::lock::run(&a)),
     }
 }
@@ -101,7 +107,10 @@ fn warn(warnings: &[String]) {
 pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
     let epoch = render::source_date_epoch()?;
     // Profile errors first: they need no daemon.
-    pipeline::resolve(&a.profile, &resolve::process_env)?;
+    let (_, resolved) = pipeline::resolve(&a.profile, &resolve::process_env)?;
+    if let Some(dir) = &a.gitops_checkout {
+        crate::cmd_gitops::gate(&resolved, &a.profile, dir)?;
+    }
     let daemon_path = elf::find_daemon(a.firstboot.as_deref())?;
     let daemon = elf::load_daemon(&daemon_path)?;
     let cache = if a.no_cache {
@@ -262,11 +271,12 @@ pub fn describe(r: &Resolved) -> String {
                 p.argocd.ingress_class
             ),
             StepId::Gitops => format!(
-                "create the root Application {} for {} at {} path {}{} (automated sync, prune, self-heal)",
+                "create the root Application {} for {} at {} path {} ({}){} (automated sync, prune, self-heal)",
                 p.gitops.app_name,
                 p.gitops.repo_url,
                 p.gitops.revision,
                 p.gitops.path,
+                serde_json::to_string(&p.gitops.source).unwrap_or_default(),
                 match &p.gitops.credentials {
                     Some(c) => format!(", repository credentials {} / <redacted>", c.username),
                     None => String::new(),

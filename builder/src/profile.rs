@@ -294,6 +294,13 @@ pub struct GitOpsSpec {
     pub app_name: String,
     #[serde(default)]
     pub credentials: Option<RepoCredentialsSpec>,
+    /// Source options (see `profile_gitops`): at most one of the three.
+    #[serde(default)]
+    pub directory: Option<crate::profile_gitops::DirectorySpec>,
+    #[serde(default)]
+    pub kustomize: Option<crate::profile_gitops::KustomizeSpec>,
+    #[serde(default)]
+    pub helm: Option<crate::profile_gitops::HelmSpec>,
 }
 
 fn default_revision() -> String {

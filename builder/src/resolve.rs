@@ -601,12 +601,14 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             })
         }
     };
+    let source = crate::resolve_gitops::source(s, g)?;
     let gitops = GitOps {
         app_name: g.app_name.clone(),
         repo_url: g.repo.clone(),
         revision: g.revision.clone(),
         path: g.path.clone(),
         credentials,
+        source,
     };
 
     let mut deadlines: BTreeMap<StepId, u64> = DEFAULT_DEADLINES.into_iter().collect();

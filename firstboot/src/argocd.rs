@@ -405,26 +405,24 @@ impl Step for VerifyStep {
         )
     }
     fn verify(&self, cx: &mut Cx) -> Result<()> {
-        // Argo CD's view of the root Application: informational (the repo may be unreachable,
-        // Argo CD may still be pulling images); recorded with the reason, never a failure.
+        // Argo CD's view of the root Application, recorded. An unreachable repository or an
+        // Argo CD still pulling images is only recorded; a problem in the repository's content
+        // (a file Argo CD cannot unmarshal, a kind the cluster does not serve) fails the step
+        // with Argo CD's own message, so status and console name the file instead of "done".
         let g = &cx.plan.gitops;
         let ns = cx.plan.argocd.namespace.clone();
         let app = k3s::kubectl_json(cx.root, &["get", "applications", "-n", &ns, &g.app_name])?;
-        let s = |v: &serde_json::Value| v.as_str().unwrap_or("Unknown").to_string();
-        let sync = s(&app["status"]["sync"]["status"]);
-        let health = s(&app["status"]["health"]["status"]);
-        let reason = app["status"]["conditions"]
-            .as_array()
-            .and_then(|c| c.first())
-            .and_then(|c| c["message"].as_str())
-            .unwrap_or("")
-            .chars()
-            .take(300)
-            .collect::<String>();
-        tracing::info!(%sync, %health, reason = %reason, "root Application");
-        cx.facts.insert("argocd.root.sync".into(), sync);
-        cx.facts.insert("argocd.root.health".into(), health);
-        cx.facts.insert("argocd.root.reason".into(), reason);
+        let st = crate::argocd_status::root_state(&app);
+        tracing::info!(sync = %st.sync, health = %st.health, reason = %st.reason, "root Application");
+        cx.facts.insert("argocd.root.sync".into(), st.sync);
+        cx.facts.insert("argocd.root.health".into(), st.health);
+        cx.facts.insert("argocd.root.reason".into(), st.reason);
+        if let Some(problem) = st.problem {
+            bail!(
+                "Argo CD cannot sync the root Application {}: {problem} (check the repository with `kiln gitops check`; rerun kiln-firstboot after fixing it)",
+                g.app_name
+            );
+        }
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! kiln-firstboot: the daemon that turns a plan into a running node.
 
 pub mod argocd;
+pub mod argocd_status;
 pub mod bundle;
 pub mod cli;
 pub mod cmd;

@@ -3,7 +3,7 @@
 #
 #   tests/fuzz/run.sh --smoke          # CI: 25 s per target (KILN_FUZZ_SMOKE_SECS overrides), dev build
 #   tests/fuzz/run.sh                  # long run: 600 s (10 min) per target (KILN_FUZZ_SECS overrides)
-#   tests/fuzz/run.sh [--smoke] plan   # only the named targets (profile, plan, journal_status)
+#   tests/fuzz/run.sh [--smoke] plan   # only the named targets (profile, plan, journal_status, gitops_reader)
 #
 # The toolchain here is stable; cargo-fuzz needs nightly-only rustc flags (sanitizer coverage
 # instrumentation, `-Z` options), which RUSTC_BOOTSTRAP=1 unlocks on a stable compiler.
@@ -26,7 +26,7 @@ if [ "${1:-}" = "--smoke" ]; then
   shift
 fi
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(profile plan journal_status)
+[ ${#targets[@]} -gt 0 ] || targets=(profile plan journal_status gitops_reader)
 sanitizer=${KILN_FUZZ_SANITIZER:-none}
 
 export RUSTC_BOOTSTRAP=1

@@ -7,12 +7,14 @@
 //! node paths of the secret files (written 0600 by cloud-init, or by the daemon from a Key
 //! Vault reference, [`keyvault`]) instead.
 
+pub mod gitops_source;
 pub mod k3s_config;
 pub mod keyvault;
 pub mod manifests;
 pub mod paths;
 pub mod types;
 
+pub use gitops_source::{DirectoryOptions, GitOpsSource, HelmOptions};
 pub use types::{Digest, Hasher, Hashes, ParseError, Pin, Secret, Sha256, Sha512, Version};
 pub use url::Url;
 
@@ -287,6 +289,9 @@ pub struct GitOps {
     pub path: String,
     #[serde(default)]
     pub credentials: Option<RepoCredentials>,
+    /// How Argo CD reads `path` (default: a non-recursive directory source, as Argo CD's).
+    #[serde(default)]
+    pub source: GitOpsSource,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

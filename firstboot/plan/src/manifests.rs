@@ -339,13 +339,65 @@ pub struct ApplicationSource {
     pub repo_url: String,
     pub target_revision: String,
     pub path: String,
-    pub directory: DirectorySource,
+    /// Exactly one of `directory`, `kustomize`, `helm` is set: an explicit source type, so
+    /// Argo CD never guesses one from the files it finds at the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<DirectorySource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kustomize: Option<KustomizeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helm: Option<HelmSource>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DirectorySource {
     pub recurse: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude: Option<String>,
+}
+
+/// `kustomize: {}`: build the path with Argo CD's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KustomizeSource {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HelmSource {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub value_files: Vec<String>,
+}
+
+/// The root Application's source options from the plan.
+fn source_options(
+    s: &crate::GitOpsSource,
+) -> (
+    Option<DirectorySource>,
+    Option<KustomizeSource>,
+    Option<HelmSource>,
+) {
+    match s {
+        crate::GitOpsSource::Directory(d) => (
+            Some(DirectorySource {
+                recurse: d.recurse,
+                include: d.include.clone(),
+                exclude: d.exclude.clone(),
+            }),
+            None,
+            None,
+        ),
+        crate::GitOpsSource::Kustomize {} => (None, Some(KustomizeSource {}), None),
+        crate::GitOpsSource::Helm(h) => (
+            None,
+            None,
+            Some(HelmSource {
+                value_files: h.value_files.clone(),
+            }),
+        ),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -391,6 +443,7 @@ pub fn root_application(plan: &Plan) -> Application {
     let mut metadata = meta(&g.app_name, Some(&plan.argocd.namespace));
     // Deleting the root Application cascades to what it deployed.
     metadata.finalizers = Some(vec!["resources-finalizer.argocd.argoproj.io".into()]);
+    let (directory, kustomize, helm) = source_options(&g.source);
     Application {
         api_version: "argoproj.io/v1alpha1".into(),
         kind: "Application".into(),
@@ -401,7 +454,9 @@ pub fn root_application(plan: &Plan) -> Application {
                 repo_url: g.repo_url.to_string(),
                 target_revision: g.revision.clone(),
                 path: g.path.clone(),
-                directory: DirectorySource { recurse: true },
+                directory,
+                kustomize,
+                helm,
             },
             destination: ApplicationDestination {
                 server: IN_CLUSTER_SERVER.into(),

@@ -133,6 +133,11 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
                 username: "git".into(),
                 password_file: REPO_FILE.into(),
             }),
+            // The reference profile's setting (profiles/ameciclo.yaml).
+            source: kiln_plan::GitOpsSource::Directory(kiln_plan::DirectoryOptions {
+                recurse: true,
+                ..Default::default()
+            }),
         },
         manifests: Vec::new(),
         deadlines: StepId::ALL.iter().map(|s| (*s, 90)).collect(),

@@ -13,7 +13,7 @@ chmod 0700 /etc/kiln/secrets
 if [ -f "$tarball" ] && verify "$tarball"; then
   say "bundle already present and verified"
 else
-  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-7d42e3df19bdf9e0f65c79476e9b5d0f46aaf0ceb7d2d71727367fa1970e97b4.tar.gz'
+  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-a68fa2ce57dedf5dd284527f14a5b32ab72cc163ff6f8cd55a8595f294a6f5bd.tar.gz'
   say "fetching $url"
   rm -f "$tarball.partial"
   curl -fsSL --retry 30 --retry-delay 5 --retry-all-errors --connect-timeout 20 --max-time 900 \
