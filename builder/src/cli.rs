@@ -52,6 +52,10 @@ pub struct BuildArgs {
     /// The static kiln-firstboot binary to ship (default: next to kiln, or the static build).
     #[arg(long)]
     pub firstboot: Option<PathBuf>,
+    /// Compress every bundle member again instead of reusing the member cache
+    /// (`~/.cache/kiln/gz-members`; the output bytes are the same either way).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -100,7 +104,18 @@ pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
     pipeline::resolve(&a.profile, &resolve::process_env)?;
     let daemon_path = elf::find_daemon(a.firstboot.as_deref())?;
     let daemon = elf::load_daemon(&daemon_path)?;
-    let (_, rendered) = pipeline::build(&a.profile, &daemon, epoch, &resolve::process_env)?;
+    let cache = if a.no_cache {
+        None
+    } else {
+        crate::gzcache::MemberCache::user_default()
+    };
+    let (_, rendered) = pipeline::build_cached(
+        &a.profile,
+        &daemon,
+        epoch,
+        &resolve::process_env,
+        cache.as_ref(),
+    )?;
     pipeline::write_outputs(&a.out, &rendered)?;
     warn(&rendered.warnings);
     print!("{}", summary(&a.out, &rendered));
@@ -191,8 +206,8 @@ pub fn describe(r: &Resolved) -> String {
         Delivery::Url { base } => line(format!(
             "  - bootstrap: download {base}bundle-<sha256>.tar.gz, verify its sha256 with sha256sum, unpack, install and start kiln-firstboot"
         )),
-        Delivery::Inline => line(
-            "  - bootstrap: verify the inline bundle's sha256 with sha256sum, unpack, install and start kiln-firstboot".into(),
+        Delivery::Seed => line(
+            "  - bootstrap: copy bundle.tar.gz from the CIDATA seed volume (read-only), verify its sha256 with sha256sum, unpack, install and start kiln-firstboot".into(),
         ),
     }
     line(format!(

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cmd_qemu;
 pub mod diag;
 pub mod elf;
+pub mod gzcache;
 pub mod lock;
 pub mod pins;
 pub mod pipeline;

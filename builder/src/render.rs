@@ -1,10 +1,10 @@
 //! Rendering: bundle, cloud-config (user-data), custom_data.gz, meta-data, seed.img and
 //! build.json, all in memory and deterministic. Nothing here touches the output directory.
 
+use crate::gzcache::MemberCache;
 use crate::resolve::{Delivery, Resolved};
 use crate::{seed, validate};
 use anyhow::{Context, Result};
-use base64::Engine;
 use flate2::{Compression, GzBuilder};
 use kiln_plan::{manifests, paths, BundledManifest, Plan, Sha256};
 use serde::Serialize;
@@ -23,6 +23,10 @@ pub const CUSTOM_DATA: &str = "custom_data.gz";
 pub const META_DATA: &str = "meta-data";
 pub const SEED: &str = "seed.img";
 pub const BUNDLE: &str = "bundle.tar.gz";
+/// The bundle's file name on a `CIDATA` seed volume (seed delivery, and the bake seed).
+pub const SEED_BUNDLE: &str = "bundle.tar.gz";
+/// The label NoCloud seeds carry (cloud-init also accepts lower case).
+pub const SEED_LABEL: &str = "CIDATA";
 pub const BUILD_JSON: &str = "build.json";
 
 /// Build-time inputs besides the resolved profile.
@@ -32,6 +36,8 @@ pub struct Inputs<'a> {
     pub epoch: u64,
     /// Shown in the cloud-config header and build.json (the profile path as given).
     pub profile_name: String,
+    /// Compressed bundle members from earlier builds (`kiln build`); `None` compresses all.
+    pub cache: Option<&'a MemberCache>,
 }
 
 #[derive(Debug)]
@@ -83,6 +89,15 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 pub const BUNDLE_CHUNK: usize = 512 * 1024;
 
 pub fn gzip_parallel(data: &[u8], level: Compression) -> Vec<u8> {
+    gzip_parallel_cached(data, level, None)
+}
+
+/// [`gzip_parallel`], taking each member from `cache` when it holds it (same bytes either way).
+pub fn gzip_parallel_cached(
+    data: &[u8],
+    level: Compression,
+    cache: Option<&MemberCache>,
+) -> Vec<u8> {
     let chunks: Vec<&[u8]> = data.chunks(BUNDLE_CHUNK).collect();
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -97,9 +112,17 @@ pub fn gzip_parallel(data: &[u8], level: Compression) -> Vec<u8> {
             let chunks = &chunks;
             s.spawn(move || {
                 for (i, slot) in slots.iter_mut().enumerate() {
+                    let chunk = chunks[first + i];
+                    if let Some(m) = cache.and_then(|c| c.get(chunk, level.level())) {
+                        *slot = m;
+                        continue;
+                    }
                     let mut enc = GzBuilder::new().mtime(0).write(Vec::new(), level);
-                    enc.write_all(chunks[first + i]).expect("in-memory write");
+                    enc.write_all(chunk).expect("in-memory write");
                     *slot = enc.finish().expect("in-memory write");
+                    if let Some(c) = cache {
+                        c.put(chunk, level.level(), slot);
+                    }
                 }
             });
         }
@@ -148,6 +171,7 @@ pub fn bundle(
     daemon: &[u8],
     manifests: &[manifests::ManifestFile],
     epoch: u64,
+    cache: Option<&MemberCache>,
 ) -> Vec<u8> {
     let mut files: Vec<(String, &[u8], u32)> = vec![
         ("kiln-firstboot".into(), daemon, 0o755),
@@ -203,9 +227,10 @@ pub fn bundle(
     }
     // Level 6: the static daemon dominates the bundle; level 9 costs several times the CPU
     // for a few percent.
-    gzip_parallel(
+    gzip_parallel_cached(
         &tar.into_inner().expect("in-memory tar"),
         Compression::default(),
+        cache,
     )
 }
 
@@ -227,7 +252,13 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
         })
         .collect();
     let plan_json = plan.to_json();
-    let bundle = bundle(&plan_json, inputs.daemon, &files, inputs.epoch);
+    let bundle = bundle(
+        &plan_json,
+        inputs.daemon,
+        &files,
+        inputs.epoch,
+        inputs.cache,
+    );
     let bundle_sha256 = Sha256::digest(&bundle);
     let bundle_url = match &resolved.delivery {
         Delivery::Url { base } => Some(
@@ -239,7 +270,7 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
                 })
                 .context("bundle URL")?,
         ),
-        Delivery::Inline => None,
+        Delivery::Seed => None,
     };
 
     let mut ctx = tera::Context::new();
@@ -262,6 +293,8 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
     ctx.insert("bootstrap_done", paths::BOOTSTRAP_DONE);
     ctx.insert("instance_id_path", paths::CLOUD_INSTANCE_ID);
     ctx.insert("cloud_sem_dir", paths::CLOUD_SEM_DIR);
+    ctx.insert("seed_bundle", SEED_BUNDLE);
+    ctx.insert("seed_label", SEED_LABEL);
     let bootstrap = tera(BOOTSTRAP_TEMPLATE, &ctx)?;
 
     let c = &resolved.cloud;
@@ -287,11 +320,6 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
     ctx.insert("secrets", &secrets);
     ctx.insert("bootstrap_path", BOOTSTRAP_PATH);
     ctx.insert("bootstrap", &indent(&bootstrap, 6));
-    let bundle_b64 = match resolved.delivery {
-        Delivery::Inline => base64::engine::general_purpose::STANDARD.encode(&bundle),
-        Delivery::Url { .. } => String::new(),
-    };
-    ctx.insert("bundle_b64", &bundle_b64);
     let user_data = tera(USER_DATA_TEMPLATE, &ctx)?;
     drop(ctx); // holds secret values
 
@@ -307,7 +335,19 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
     mctx.insert("instance_id", &instance_id);
     mctx.insert("hostname", &c.hostname);
     let meta_data = tera(META_DATA_TEMPLATE, &mctx)?;
-    let seed = seed::build(user_data.as_bytes(), meta_data.as_bytes(), inputs.epoch)?;
+    let seed = match resolved.delivery {
+        Delivery::Seed => seed::build_files(
+            &[
+                (META_DATA, meta_data.as_bytes()),
+                (USER_DATA, user_data.as_bytes()),
+                (SEED_BUNDLE, &bundle),
+            ],
+            inputs.epoch,
+        )?,
+        Delivery::Url { .. } => {
+            seed::build(user_data.as_bytes(), meta_data.as_bytes(), inputs.epoch)?
+        }
+    };
 
     let mut warnings = resolved.warnings.clone();
     if matches!(resolved.delivery, Delivery::Url { .. })

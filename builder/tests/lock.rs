@@ -86,7 +86,7 @@ argocd:
     path: apps
 artifacts:
   mirror: {mirror}
-  delivery: inline
+  delivery: seed
 "#
     )
 }
