@@ -47,17 +47,16 @@ pub struct CloudSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     /// The bundle is fetched from `<base>bundle-<sha256>.tar.gz`.
-    Url {
-        base: Url,
-    },
-    Inline,
+    Url { base: Url },
+    /// The bundle is a file on the NoCloud `CIDATA` seed volume (`seed.img`).
+    Seed,
 }
 
 impl Delivery {
     pub fn name(&self) -> &'static str {
         match self {
             Delivery::Url { .. } => "url",
-            Delivery::Inline => "inline",
+            Delivery::Seed => "seed",
         }
     }
 }
@@ -190,6 +189,13 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     };
     let delivery = match a.delivery {
         DeliverySpec::Inline => {
+            return Err(s.error(
+                &key_path(&["artifacts", "delivery"]),
+                false,
+                "`delivery: inline` was removed: use `delivery: seed` (the bundle travels as a file on the NoCloud CIDATA seed; see docs/profile.md)",
+            ))
+        }
+        DeliverySpec::Seed => {
             if a.bundle_base_url.is_some() {
                 return Err(s.error(
                     &key_path(&["artifacts", "bundle-base-url"]),
@@ -197,7 +203,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
                     "bundle-base-url is only used with `delivery: url`",
                 ));
             }
-            Delivery::Inline
+            Delivery::Seed
         }
         DeliverySpec::Url => match &a.bundle_base_url {
             Some(u) => {
