@@ -257,7 +257,7 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
         format!("{TS_HOSTNAME}.{}", kiln_qemu::headscale::BASE_DOMAIN),
         "{ts_step}"
     );
-    let plan = read_json(&guest1.join("var/lib/kiln/plan.json"));
+    let plan = read_json(&guest1.join("etc/kiln/plan.json"));
     assert_eq!(plan["tailscale"]["login-server"], "http://10.0.2.102/");
     assert_eq!(plan["tailscale"]["hostname"], TS_HOSTNAME);
     // Headscale saw the node, with the profile's hostname and tags, online during boot 1 and
