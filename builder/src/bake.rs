@@ -281,8 +281,8 @@ pub fn run(a: &Args) -> Result<(), BuildError> {
         },
         "bundle": {"sha256": rendered.bundle_sha256.to_hex(), "path": paths::BUNDLE_TARBALL},
         "staged": boot.staged.iter().map(|s| serde_json::json!({
-            "name": s.name, "step": s.step, "sha256": s.sha256, "size": s.size,
-            "path": format!("{}/{}", paths::CACHE_DIR, s.sha256),
+            "name": s.name, "step": s.step, "digest": format!("{}:{}", s.algorithm, s.hex), "size": s.size,
+            "path": format!("{}/{}", paths::CACHE_DIR, s.hex),
         })).collect::<Vec<_>>(),
         "bake-boot": {
             "seconds": boot.seconds,
@@ -316,7 +316,7 @@ pub fn run(a: &Args) -> Result<(), BuildError> {
         );
     }
     for s in &boot.staged {
-        println!("  staged {:<32} sha256 {}", s.name, s.sha256);
+        println!("  staged {:<32} {}:{}", s.name, s.algorithm, s.hex);
     }
     Ok(())
 }
@@ -358,21 +358,24 @@ pub fn user_data(hostname: &str, bundle_sha256: &Sha256) -> Result<String> {
 pub struct StagedLine {
     pub name: String,
     pub step: String,
-    pub sha256: String,
+    /// `sha256` or `sha512`: the pin's algorithm (the cache file is named by `hex`).
+    pub algorithm: String,
+    pub hex: String,
     pub size: u64,
 }
 
-/// Parses `kiln-stage: staged NAME for STEP sha256 HEX N bytes (SOURCE)`.
+/// Parses `kiln-stage: staged NAME for STEP ALGORITHM HEX N bytes (SOURCE)`.
 pub fn parse_staged(line: &str) -> Option<StagedLine> {
     let rest = &line[line.find("kiln-stage: staged ")? + "kiln-stage: staged ".len()..];
     let w: Vec<&str> = rest.split_whitespace().collect();
-    if w.len() < 7 || w[1] != "for" || w[3] != "sha256" || w[6] != "bytes" {
+    if w.len() < 7 || w[1] != "for" || !matches!(w[3], "sha256" | "sha512") || w[6] != "bytes" {
         return None;
     }
     Some(StagedLine {
         name: w[0].into(),
         step: w[2].into(),
-        sha256: w[4].into(),
+        algorithm: w[3].into(),
+        hex: w[4].into(),
         size: w[5].parse().ok()?,
     })
 }
@@ -457,7 +460,10 @@ pub fn boot_to_poweroff(
             }
             if let Some(s) = parse_staged(l) {
                 spinner.suspend(|| {
-                    eprintln!("kiln bake: guest: staged {} sha256 {}", s.name, s.sha256)
+                    eprintln!(
+                        "kiln bake: guest: staged {} {}:{}",
+                        s.name, s.algorithm, s.hex
+                    )
                 });
                 if !staged.iter().any(|x| x.name == s.name) {
                     staged.push(s);
@@ -696,7 +702,8 @@ mod tests {
         assert_eq!(s.name, "k3s");
         assert_eq!(s.step, "k3s");
         assert_eq!(s.size, 24112);
-        assert!(s.sha256.starts_with("123ae128"));
+        assert_eq!(s.algorithm, "sha256");
+        assert!(s.hex.starts_with("123ae128"));
         assert!(parse_staged("kiln-stage: staged garbage").is_none());
         assert!(parse_staged("kiln: step k3s done").is_none());
     }

@@ -39,6 +39,8 @@ pub enum Command {
     Publish(crate::publish::Args),
     /// Azure helpers: `kiln azure terraform PROFILE`.
     Azure(crate::publish::AzureArgs),
+    /// Resolve or refresh every pin from upstream's checksum publications (needs network).
+    Lock(crate::lock::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +52,10 @@ pub struct BuildArgs {
     /// The static kiln-firstboot binary to ship (default: next to kiln, or the static build).
     #[arg(long)]
     pub firstboot: Option<PathBuf>,
+    /// Compress every bundle member again instead of reusing the member cache
+    /// (`~/.cache/kiln/gz-members`; the output bytes are the same either way).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +74,7 @@ pub fn main() -> ExitCode {
         Command::Bake(a) => report(crate::bake::run(&a)),
         Command::Publish(a) => report(crate::publish::run(&a)),
         Command::Azure(a) => report(crate::publish::run_azure(&a)),
+        Command::Lock(a) => report(crate::lock::run(&a)),
     }
 }
 
@@ -97,7 +104,18 @@ pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
     pipeline::resolve(&a.profile, &resolve::process_env)?;
     let daemon_path = elf::find_daemon(a.firstboot.as_deref())?;
     let daemon = elf::load_daemon(&daemon_path)?;
-    let (_, rendered) = pipeline::build(&a.profile, &daemon, epoch, &resolve::process_env)?;
+    let cache = if a.no_cache {
+        None
+    } else {
+        crate::gzcache::MemberCache::user_default()
+    };
+    let (_, rendered) = pipeline::build_cached(
+        &a.profile,
+        &daemon,
+        epoch,
+        &resolve::process_env,
+        cache.as_ref(),
+    )?;
     pipeline::write_outputs(&a.out, &rendered)?;
     warn(&rendered.warnings);
     print!("{}", summary(&a.out, &rendered));
@@ -204,18 +222,18 @@ pub fn describe(r: &Resolved) -> String {
         let d = p.deadline(step).as_secs();
         let what = match step {
             StepId::K3s => format!(
-                "install K3s {} from {} (sha256 {}), write {} {}, start k3s and wait until the node is Ready",
+                "install K3s {} from {} (pin {}), write {} {}, start k3s and wait until the node is Ready",
                 p.k3s.version,
                 p.k3s.binary.url,
-                p.k3s.binary.sha256,
+                p.k3s.binary.pin,
                 kiln_plan::paths::K3S_CONFIG,
                 serde_json::to_string(&p.k3s.config).unwrap_or_default()
             ),
             StepId::Tailscale => format!(
-                "install Tailscale {} from {} (sha256 {}), join the tailnet as {}{} with the auth key <redacted>",
+                "install Tailscale {} from {} (pin {}), join the tailnet as {}{} with the auth key <redacted>",
                 p.tailscale.version,
                 p.tailscale.tarball.url,
-                p.tailscale.tarball.sha256,
+                p.tailscale.tarball.pin,
                 p.tailscale.hostname,
                 if p.tailscale.tags.is_empty() { String::new() } else { format!(" tagged {}", p.tailscale.tags.join(",")) }
             ),
@@ -229,10 +247,10 @@ pub fn describe(r: &Resolved) -> String {
                 p.tailscale.operator.hostname
             ),
             StepId::Argocd => format!(
-                "install Argo CD {} from {} (sha256 {}) into namespace {}, expose argocd-server on the tailnet as {} (ingress class {})",
+                "install Argo CD {} from {} (pin {}) into namespace {}, expose argocd-server on the tailnet as {} (ingress class {})",
                 p.argocd.version,
                 p.argocd.manifest.url,
-                p.argocd.manifest.sha256,
+                p.argocd.manifest.pin,
                 p.argocd.namespace,
                 p.argocd.ingress_host,
                 p.argocd.ingress_class

@@ -5,6 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 use crate::diag::ProfileError;
+use crate::gzcache::MemberCache;
 use crate::profile::{self, Loaded};
 use crate::render::{self, Inputs, Rendered};
 use crate::resolve::{self, Env, Resolved};
@@ -41,11 +42,23 @@ pub fn build(
     epoch: u64,
     env: Env,
 ) -> Result<(Resolved, Rendered), BuildError> {
+    build_cached(path, daemon, epoch, env, None)
+}
+
+/// [`build`], taking compressed bundle members from `cache` (same output bytes).
+pub fn build_cached(
+    path: &Path,
+    daemon: &[u8],
+    epoch: u64,
+    env: Env,
+    cache: Option<&MemberCache>,
+) -> Result<(Resolved, Rendered), BuildError> {
     let (loaded, resolved) = resolve(path, env)?;
     let inputs = Inputs {
         daemon,
         epoch,
         profile_name: path.display().to_string(),
+        cache,
     };
     match render::render(&resolved, &inputs) {
         Ok(r) => Ok((resolved, r)),

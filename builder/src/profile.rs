@@ -8,7 +8,7 @@
 
 use crate::diag::ProfileError;
 use crate::source::{self, Seg, Sources};
-use kiln_plan::{Sha256, StepId, Version};
+use kiln_plan::{Digest, StepId, Version};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -111,8 +111,13 @@ pub struct AdminSpec {
 pub struct K3sSpec {
     #[serde(default = "default_k3s_version")]
     pub version: Version,
-    /// sha256 of the `k3s` (amd64) release binary: required, kiln ships no unverified pin.
-    pub sha256: Sha256,
+    /// Digest (`sha256:`/`sha512:`) of the `k3s` (amd64) release binary: required (checked
+    /// in resolve, so a missing pin is reported like any other and `kiln lock` can fill it in).
+    #[serde(default)]
+    pub digest: Option<Digest>,
+    /// Exact length of the binary in bytes.
+    #[serde(default)]
+    pub size: Option<u64>,
     #[serde(default = "default_disable")]
     pub disable: Vec<String>,
     #[serde(default = "yes")]
@@ -131,7 +136,10 @@ pub struct K3sSpec {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ImageArchiveSpec {
     pub url: Url,
-    pub sha256: Sha256,
+    #[serde(default)]
+    pub digest: Option<Digest>,
+    #[serde(default)]
+    pub size: Option<u64>,
 }
 
 pub const DEFAULT_K3S_VERSION: &str = "v1.32.4+k3s1";
@@ -154,8 +162,11 @@ fn default_kubeconfig_mode() -> String {
 pub struct TailscaleSpec {
     #[serde(default = "default_tailscale_version")]
     pub version: Version,
-    /// sha256 of `tailscale_<version>_amd64.tgz`: required.
-    pub sha256: Sha256,
+    /// Digest of `tailscale_<version>_amd64.tgz`: required.
+    #[serde(default)]
+    pub digest: Option<Digest>,
+    #[serde(default)]
+    pub size: Option<u64>,
     /// Device name in the tailnet; defaults to the node hostname.
     #[serde(default)]
     pub hostname: Option<String>,
@@ -217,10 +228,12 @@ pub struct OperatorSpec {
     pub ingress_class: String,
     #[serde(default = "default_operator_hostname")]
     pub hostname: String,
-    /// sha256 of `tailscale-operator-<chart-version>.tgz`: when given, the node fetches the
+    /// Digest of `tailscale-operator-<chart-version>.tgz`: when given, the node fetches the
     /// pinned archive (or finds it baked) and K3s serves it to the HelmChart.
     #[serde(default)]
-    pub chart_sha256: Option<Sha256>,
+    pub chart_digest: Option<Digest>,
+    #[serde(default)]
+    pub chart_size: Option<u64>,
 }
 
 fn default_chart_repo() -> Url {
@@ -241,9 +254,11 @@ fn default_operator_hostname() -> String {
 pub struct ArgoCdSpec {
     #[serde(default = "default_argocd_version")]
     pub version: Version,
-    /// sha256 of the upstream `install.yaml`; defaults to kiln's pin for v3.4.7 only.
+    /// Digest of the upstream `install.yaml`; defaults to kiln's pin for v3.4.7 only.
     #[serde(default)]
-    pub sha256: Option<Sha256>,
+    pub digest: Option<Digest>,
+    #[serde(default)]
+    pub size: Option<u64>,
     #[serde(default = "default_argocd_namespace")]
     pub namespace: String,
     /// First label of the Tailscale Ingress TLS host (`argocd` → `argocd.<tailnet>.ts.net`).
@@ -257,6 +272,7 @@ pub const DEFAULT_ARGOCD_VERSION: &str = "v3.4.7";
 /// computed from the upstream file (see tests/upstream PROVENANCE).
 pub const ARGOCD_V3_4_7_INSTALL_SHA256: &str =
     "11016889371e4b1e3754b7ba2494b36ab1111338bd2362d499abe3ff2f63c906";
+pub const ARGOCD_V3_4_7_INSTALL_SIZE: u64 = 1_890_752;
 fn default_argocd_version() -> Version {
     DEFAULT_ARGOCD_VERSION.parse().expect("valid default")
 }

@@ -1,6 +1,7 @@
 //! Rendering: bundle, cloud-config (user-data), custom_data.gz, meta-data, seed.img and
 //! build.json, all in memory and deterministic. Nothing here touches the output directory.
 
+use crate::gzcache::MemberCache;
 use crate::resolve::{Delivery, Resolved};
 use crate::{seed, validate};
 use anyhow::{Context, Result};
@@ -35,6 +36,8 @@ pub struct Inputs<'a> {
     pub epoch: u64,
     /// Shown in the cloud-config header and build.json (the profile path as given).
     pub profile_name: String,
+    /// Compressed bundle members from earlier builds (`kiln build`); `None` compresses all.
+    pub cache: Option<&'a MemberCache>,
 }
 
 #[derive(Debug)]
@@ -86,6 +89,15 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 pub const BUNDLE_CHUNK: usize = 512 * 1024;
 
 pub fn gzip_parallel(data: &[u8], level: Compression) -> Vec<u8> {
+    gzip_parallel_cached(data, level, None)
+}
+
+/// [`gzip_parallel`], taking each member from `cache` when it holds it (same bytes either way).
+pub fn gzip_parallel_cached(
+    data: &[u8],
+    level: Compression,
+    cache: Option<&MemberCache>,
+) -> Vec<u8> {
     let chunks: Vec<&[u8]> = data.chunks(BUNDLE_CHUNK).collect();
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -100,9 +112,17 @@ pub fn gzip_parallel(data: &[u8], level: Compression) -> Vec<u8> {
             let chunks = &chunks;
             s.spawn(move || {
                 for (i, slot) in slots.iter_mut().enumerate() {
+                    let chunk = chunks[first + i];
+                    if let Some(m) = cache.and_then(|c| c.get(chunk, level.level())) {
+                        *slot = m;
+                        continue;
+                    }
                     let mut enc = GzBuilder::new().mtime(0).write(Vec::new(), level);
-                    enc.write_all(chunks[first + i]).expect("in-memory write");
+                    enc.write_all(chunk).expect("in-memory write");
                     *slot = enc.finish().expect("in-memory write");
+                    if let Some(c) = cache {
+                        c.put(chunk, level.level(), slot);
+                    }
                 }
             });
         }
@@ -151,6 +171,7 @@ pub fn bundle(
     daemon: &[u8],
     manifests: &[manifests::ManifestFile],
     epoch: u64,
+    cache: Option<&MemberCache>,
 ) -> Vec<u8> {
     let mut files: Vec<(String, &[u8], u32)> = vec![
         ("kiln-firstboot".into(), daemon, 0o755),
@@ -206,9 +227,10 @@ pub fn bundle(
     }
     // Level 6: the static daemon dominates the bundle; level 9 costs several times the CPU
     // for a few percent.
-    gzip_parallel(
+    gzip_parallel_cached(
         &tar.into_inner().expect("in-memory tar"),
         Compression::default(),
+        cache,
     )
 }
 
@@ -230,7 +252,13 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
         })
         .collect();
     let plan_json = plan.to_json();
-    let bundle = bundle(&plan_json, inputs.daemon, &files, inputs.epoch);
+    let bundle = bundle(
+        &plan_json,
+        inputs.daemon,
+        &files,
+        inputs.epoch,
+        inputs.cache,
+    );
     let bundle_sha256 = Sha256::digest(&bundle);
     let bundle_url = match &resolved.delivery {
         Delivery::Url { base } => Some(

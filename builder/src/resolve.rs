@@ -6,12 +6,14 @@
 #![allow(clippy::result_large_err)]
 
 use crate::diag::ProfileError;
+use crate::pins::{self, PinKeys};
 use crate::profile::{
     self, DeliverySpec, Loaded, RoleSpec, SecretRef, ARGOCD_V3_4_7_INSTALL_SHA256,
+    ARGOCD_V3_4_7_INSTALL_SIZE,
 };
 use crate::source::{key_path, Seg, Sources};
 use kiln_plan::{
-    k3s_config, ArgoCd, Artifact, Artifacts, GitOps, K3s, Node, Plan, RepoCredentials, Role,
+    k3s_config, ArgoCd, Artifact, Artifacts, GitOps, K3s, Node, Pin, Plan, RepoCredentials, Role,
     Secret, Sha256, StepId, Tailscale, TailscaleApi, TailscaleOperator, Version, PLAN_VERSION,
 };
 use std::collections::BTreeMap;
@@ -156,25 +158,14 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     let mut secrets = Vec::new();
     let role = match &p.node.role {
         RoleSpec::Server => Role::Server,
-        RoleSpec::Agent(a) => {
-            if a.server_url.scheme() != "https" {
-                return Err(s.error(
-                    &key_path(&["node", "role", "agent", "server-url"]),
-                    false,
-                    "the K3s server URL must be https:// (e.g. https://server:6443)",
-                ));
-            }
-            secrets.push(read_secret(
-                s,
-                env,
-                &["node", "role", "agent", "token"],
-                &a.token,
-                K3S_TOKEN_FILE,
-            )?);
-            Role::Agent {
-                server_url: a.server_url.clone(),
-                token_file: K3S_TOKEN_FILE.into(),
-            }
+        // An agent profile used to be accepted, and the daemon, which has no agent path yet,
+        // then booted a second server: refused until kiln-firstboot implements the agent role.
+        RoleSpec::Agent(_) => {
+            return Err(s.error(
+                &key_path(&["node", "role", "agent"]),
+                true,
+                "K3s agent nodes are not supported yet: kiln-firstboot would install a second server; build servers only (`role: server`)",
+            ))
         }
     };
 
@@ -329,13 +320,13 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             )
         }
     };
-    placeholder_pin(&mut warnings, "k3s.sha256", &k.sha256);
+    let k3s_pin = pins::require(s, &PinKeys::plain(&["k3s"]), k.digest, k.size)?;
     let k3s = K3s {
         version: k.version.clone(),
         binary: Artifact {
             name: "k3s".into(),
             url: k3s_url,
-            sha256: k.sha256,
+            pin: k3s_pin,
         },
         checksums_url: Some(sums_url),
         config,
@@ -377,7 +368,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             &tarball_name,
         ),
     };
-    placeholder_pin(&mut warnings, "tailscale.sha256", &t.sha256);
+    let ts_pin = pins::require(s, &PinKeys::plain(&["tailscale"]), t.digest, t.size)?;
     let mint = t.api.as_ref().is_some_and(|a| a.mint_auth_key);
     match &t.auth_key {
         Some(r) => secrets.push(read_secret(
@@ -470,20 +461,30 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         &o.oauth_client_secret,
         TAILSCALE_OAUTH_SECRET_FILE,
     )?);
-    let chart_archive = o.chart_sha256.map(|sha256| {
-        let name = format!("tailscale-operator-{chart_version}.tgz");
-        let url = match &mirror {
-            Some(m) => join(m, &format!("tailscale/{name}")),
-            None => join(&with_slash(&o.chart_repo), &name),
-        };
-        Artifact { name, url, sha256 }
-    });
+    let chart_keys = PinKeys::new(
+        key_path(&["tailscale", "operator"]),
+        "chart-digest",
+        "chart-size",
+    );
+    let chart_archive = match o.chart_digest {
+        // No chart pin: the helm-controller fetches the chart from chart-repo itself.
+        None if o.chart_size.is_none() => None,
+        digest => {
+            let pin = pins::require(s, &chart_keys, digest, o.chart_size)?;
+            let name = format!("tailscale-operator-{chart_version}.tgz");
+            let url = match &mirror {
+                Some(m) => join(m, &format!("tailscale/{name}")),
+                None => join(&with_slash(&o.chart_repo), &name),
+            };
+            Some(Artifact { name, url, pin })
+        }
+    };
     let tailscale = Tailscale {
         version: t.version.clone(),
         tarball: Artifact {
             name: tarball_name,
             url: ts_url,
-            sha256: t.sha256,
+            pin: ts_pin,
         },
         hostname: ts_host,
         tags: t.tags.clone(),
@@ -505,22 +506,23 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     // --- argocd
     let ac = &p.argocd;
     check_argocd_compat(s, &ac.version, &k.version)?;
-    let argo_sha = match ac.sha256 {
-        Some(h) => h,
-        None if ac.version.to_string() == profile::DEFAULT_ARGOCD_VERSION => {
-            ARGOCD_V3_4_7_INSTALL_SHA256.parse().expect("valid pin")
-        }
+    let argo_pin = match ac.digest {
+        Some(_) => pins::require(s, &PinKeys::plain(&["argocd"]), ac.digest, ac.size)?,
+        None if ac.version.to_string() == profile::DEFAULT_ARGOCD_VERSION => Pin::new(
+            ARGOCD_V3_4_7_INSTALL_SHA256.parse::<Sha256>().expect("valid pin"),
+            Some(ARGOCD_V3_4_7_INSTALL_SIZE),
+        ),
         None => {
             return Err(s.error(
                 &key_path(&["argocd", "version"]),
                 false,
                 format!(
-                    "argocd.sha256 is required for {} (kiln carries a pin for {} only)",
+                    "argocd.digest is required for {} (kiln carries a pin for {} only)",
                     ac.version,
                     profile::DEFAULT_ARGOCD_VERSION
                 ),
             )
-            .with_help("upstream publishes no checksum for install.yaml: download it once, review it, and pin `sha256sum install.yaml`"))
+            .with_help("upstream publishes no checksum for install.yaml: run `kiln lock PROFILE` (it downloads and hashes it), review the file, and keep the pin"))
         }
     };
     check_label(s, &["argocd", "namespace"], &ac.namespace)?;
@@ -538,7 +540,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         manifest: Artifact {
             name: format!("argocd-{argo_tag}-install.yaml"),
             url: argo_url,
-            sha256: argo_sha,
+            pin: argo_pin,
         },
         namespace: ac.namespace.clone(),
         ingress_host: ac.ingress_host.clone(),
@@ -749,14 +751,6 @@ fn read_secret(
     })
 }
 
-fn placeholder_pin(warnings: &mut Vec<String>, key: &str, pin: &Sha256) {
-    if pin.as_bytes().iter().all(|b| *b == 0) {
-        warnings.push(format!(
-            "{key} is the all-zero placeholder: the node will refuse the download until a real pin is set"
-        ));
-    }
-}
-
 fn check_hostname(s: &Sources, at: &[&str], h: &str) -> Result<(), ProfileError> {
     let ok = !h.is_empty()
         && h.len() <= 63
@@ -867,10 +861,13 @@ fn image_archives(
         if out.iter().any(|a| a.name == name) {
             return Err(s.error(&at, false, format!("two image archives are named {name:?}")));
         }
+        let mut keys = PinKeys::plain(&["k3s", "images"]);
+        keys.parent.push(Seg::Index(i));
+        let pin = pins::require(s, &keys, spec.digest, spec.size)?;
         out.push(Artifact {
             name,
             url: spec.url.clone(),
-            sha256: spec.sha256,
+            pin,
         });
     }
     Ok(out)

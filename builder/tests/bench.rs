@@ -27,7 +27,9 @@ fn kiln_bench_times_kiln_build_against_cloud_localds_and_prints_the_ratio() {
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.contains("ratio cloud-localds / kiln build:"), "{out}");
+    assert!(out.contains("ratio cloud-localds / kiln build, cold:"), "{out}");
+    assert!(out.contains("ratio cloud-localds / kiln build, warm:"), "{out}");
+    assert!(out.contains("outputs identical with and without the cache: yes"), "{out}");
     assert!(out.contains("profiles/ameciclo.yaml"), "{out}");
     println!("{out}");
 }

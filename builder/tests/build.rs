@@ -202,9 +202,14 @@ fn qemu_local_builds_a_seed_that_carries_the_bundle_beside_the_cloud_config() {
             pins["k3s"]["url-path"].as_str().unwrap()
         )
     );
+    // The stand-in K3s is pinned like the real one: sha512 and size.
     assert_eq!(
-        r.plan.k3s.binary.sha256.to_hex(),
-        pins["k3s"]["sha256"].as_str().unwrap()
+        r.plan.k3s.binary.pin.to_string(),
+        format!(
+            "sha512:{} ({} bytes)",
+            pins["k3s"]["sha512"].as_str().unwrap(),
+            pins["k3s"]["size"]
+        )
     );
     assert_eq!(
         r.plan.k3s.checksums_url.as_ref().unwrap().as_str(),
@@ -221,8 +226,12 @@ fn qemu_local_builds_a_seed_that_carries_the_bundle_beside_the_cloud_config() {
         )
     );
     assert_eq!(
-        r.plan.tailscale.tarball.sha256.to_hex(),
-        pins["tailscale"]["sha256"].as_str().unwrap()
+        r.plan.tailscale.tarball.pin.to_string(),
+        format!(
+            "sha256:{} ({} bytes)",
+            pins["tailscale"]["sha256"].as_str().unwrap(),
+            pins["tailscale"]["size"]
+        )
     );
     assert_eq!(
         r.plan.argocd.manifest.url.as_str(),
@@ -232,8 +241,12 @@ fn qemu_local_builds_a_seed_that_carries_the_bundle_beside_the_cloud_config() {
         )
     );
     assert_eq!(
-        r.plan.argocd.manifest.sha256.to_hex(),
-        pins["argocd"]["sha256"].as_str().unwrap()
+        r.plan.argocd.manifest.pin.to_string(),
+        format!(
+            "sha256:{} ({} bytes)",
+            pins["argocd"]["sha256"].as_str().unwrap(),
+            pins["argocd"]["size"]
+        )
     );
     // Inherited from ameciclo.yaml through extends:
     assert_eq!(

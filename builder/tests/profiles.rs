@@ -65,8 +65,8 @@ fn defaults_match_the_documented_ones() {
     assert_eq!(p.tailscale.operator.hostname, "tailscale-operator");
     assert_eq!(p.argocd.version.to_string(), "v3.4.7");
     assert_eq!(
-        p.argocd.manifest.sha256.to_hex(),
-        "11016889371e4b1e3754b7ba2494b36ab1111338bd2362d499abe3ff2f63c906"
+        p.argocd.manifest.pin.to_string(),
+        "sha256:11016889371e4b1e3754b7ba2494b36ab1111338bd2362d499abe3ff2f63c906 (1890752 bytes)"
     );
     assert_eq!(
         p.argocd.manifest.url.as_str(),
@@ -157,36 +157,25 @@ fn secrets_come_from_the_environment_or_files_relative_to_the_profile_that_names
 }
 
 #[test]
-fn repo_credentials_and_the_agent_role_resolve_to_secret_file_paths() {
+fn repo_credentials_resolve_to_a_secret_file_path() {
     let tmp = tempfile::tempdir().unwrap();
-    write(tmp.path(), "token", "K10abc::server:def\n");
     write(tmp.path(), "git-token", "ghp_FAKE\n");
     let top = write(
         tmp.path(),
-        "agent.yaml",
+        "creds.yaml",
         &format!(
-            "extends: {}\nnode:\n  role:\n    agent:\n      server-url: https://server.example:6443\n      token: {{file: token}}\nargocd:\n  gitops:\n    credentials:\n      username: kiln\n      password: {{file: git-token}}\n",
+            "extends: {}\nargocd:\n  gitops:\n    credentials:\n      username: kiln\n      password: {{file: git-token}}\n",
             base()
         ),
     );
     let r = resolve(&top, &common::no_env);
-    assert_eq!(
-        r.plan.node.role,
-        Role::Agent {
-            server_url: "https://server.example:6443".parse().unwrap(),
-            token_file: "/etc/kiln/secrets/k3s-token".into()
-        }
-    );
     let creds = r.plan.gitops.credentials.as_ref().unwrap();
     assert_eq!(
         (creds.username.as_str(), creds.password_file.as_str()),
         ("kiln", "/etc/kiln/secrets/gitops-repo-password")
     );
     let paths: Vec<&str> = r.secrets.iter().map(|s| s.node_path).collect();
-    assert!(
-        paths.contains(&"/etc/kiln/secrets/k3s-token")
-            && paths.contains(&"/etc/kiln/secrets/gitops-repo-password")
-    );
+    assert!(paths.contains(&"/etc/kiln/secrets/gitops-repo-password"));
 }
 
 #[test]
@@ -214,8 +203,10 @@ fn kiln_plan_prints_every_step_with_secrets_redacted() {
     );
     assert!(!out.contains("tskey-auth-FAKE"), "secret printed:\n{out}");
     assert!(!out.contains("tskey-client-FAKE"), "secret printed:\n{out}");
-    // The reference profile's K3s pin is the documented placeholder: kiln says so.
-    assert!(String::from_utf8_lossy(&o.stderr).contains("k3s.sha256 is the all-zero placeholder"));
+    // The reference profile pins the real K3s binary (sha512 and size, see its comment).
+    assert!(out.contains("(pin sha512:e03c94e86e5e03cf"), "{out}");
+    assert!(out.contains("(71385240 bytes)"), "{out}");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("placeholder"));
 }
 
 #[test]

@@ -113,19 +113,19 @@ fn bad_api_settings_name_their_key() {
     assert!(error_of(&p).contains("must carry tags"));
 }
 
-const OFFLINE: &str = "k3s:\n  sha256: \"1111111111111111111111111111111111111111111111111111111111111111\"\n  images:\n    - url: https://images.example/airgap/k3s-airgap-images-amd64.tar.zst\n      sha256: \"3333333333333333333333333333333333333333333333333333333333333333\"\n";
+const OFFLINE: &str = "k3s:\n  digest: \"sha256:1111111111111111111111111111111111111111111111111111111111111111\"\n  images:\n    - url: https://images.example/airgap/k3s-airgap-images-amd64.tar.zst\n      digest: \"sha256:3333333333333333333333333333333333333333333333333333333333333333\"\n";
 
 #[test]
 fn a_pinned_chart_and_image_archives_reach_the_plan_and_the_helmchart_uses_the_served_chart() {
     let tmp = tempfile::tempdir().unwrap();
     let p = variant(tmp.path(), |t| {
         t.replace(
-            "k3s:\n  sha256: \"1111111111111111111111111111111111111111111111111111111111111111\"\n",
+            "k3s:\n  digest: \"sha256:1111111111111111111111111111111111111111111111111111111111111111\"\n",
             OFFLINE,
         )
         .replace(
             "    oauth-client-id: kTESTCLIENT1CNTRL\n",
-            "    oauth-client-id: kTESTCLIENT1CNTRL\n    chart-sha256: \"4444444444444444444444444444444444444444444444444444444444444444\"\n",
+            "    oauth-client-id: kTESTCLIENT1CNTRL\n    chart-digest: \"sha256:4444444444444444444444444444444444444444444444444444444444444444\"\n",
         )
     });
     let r = pipeline::resolve(&p, &common::no_env)
@@ -174,7 +174,7 @@ fn an_image_url_that_is_no_image_archive_is_an_error_at_its_position() {
     let tmp = tempfile::tempdir().unwrap();
     let p = variant(tmp.path(), |t| {
         t.replace(
-            "k3s:\n  sha256: \"1111111111111111111111111111111111111111111111111111111111111111\"\n",
+            "k3s:\n  digest: \"sha256:1111111111111111111111111111111111111111111111111111111111111111\"\n",
             &OFFLINE.replace("k3s-airgap-images-amd64.tar.zst", "images.zip"),
         )
     });

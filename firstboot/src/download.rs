@@ -1,5 +1,8 @@
-//! The one download path: stream to `<cache>/<sha256>.partial`, sha256 while streaming, resume
-//! with `Range` when the server honours it, rename to `<cache>/<sha256>` only on a match.
+//! The one download path: stream to `<cache>/<digest hex>.partial`, hashing sha256 and sha512
+//! while streaming (one pass), resume with `Range` when the server honours it, rename to
+//! `<cache>/<digest hex>` only when the pin (digest and size) matches, and any cross-check
+//! (a release's own published sha256) agrees too. A stream longer than a pinned size is cut off
+//! as soon as it passes it.
 //!
 //! Nothing reaches the cache's final names unverified, and callers only ever get final names
 //! back, so nothing unverified is ever executed or installed.
@@ -7,8 +10,7 @@
 use crate::engine::Backoff;
 use crate::fs::{copy_atomic, sync_dir, Root};
 use anyhow::{Context, Result};
-use kiln_plan::{paths, Artifact, Artifacts, Sha256, Url};
-use sha2::Digest;
+use kiln_plan::{paths, Artifact, Artifacts, Digest, Hasher, Hashes, Pin, Sha256, Url};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -20,12 +22,29 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
     #[error(
-        "sha256 mismatch for {url}: expected {expected}, got {actual}; the file was discarded"
+        "{} mismatch for {url}: expected {expected}, got {actual}; the file was discarded",
+        expected.algorithm()
     )]
     ChecksumMismatch {
         url: String,
-        expected: Sha256,
-        actual: Sha256,
+        // Boxed: a sha512 pair would make every download Result large.
+        expected: Box<Digest>,
+        actual: Box<Digest>,
+    },
+    #[error("size mismatch for {url}: the pin says {expected} bytes, the {what} is {actual} bytes; the file was discarded")]
+    SizeMismatch {
+        url: String,
+        expected: u64,
+        /// What was measured: `body` (bytes received) or `announced length`.
+        what: &'static str,
+        actual: u64,
+    },
+    #[error("{url} matches its pin but not {source_name}: that says sha256 {published}, the bytes are sha256 {actual}; the file was discarded")]
+    CrossCheckMismatch {
+        url: String,
+        source_name: String,
+        published: Box<Sha256>,
+        actual: Box<Sha256>,
     },
     #[error("{url}: HTTP {status}")]
     Http { url: String, status: u16 },
@@ -77,6 +96,8 @@ impl DownloadError {
             | DownloadError::Read { .. } => true,
             DownloadError::Deadline { .. } => true,
             DownloadError::ChecksumMismatch { .. }
+            | DownloadError::SizeMismatch { .. }
+            | DownloadError::CrossCheckMismatch { .. }
             | DownloadError::AirGap { .. }
             | DownloadError::TooLarge { .. }
             | DownloadError::Local { .. } => false,
@@ -112,12 +133,17 @@ pub fn display_url(url: &Url) -> String {
 
 /// sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<Sha256> {
+    Ok(hash_file(path)?.sha256)
+}
+
+/// Every pin digest (and the length) of a file, in one streamed pass.
+pub fn hash_file(path: &Path) -> Result<Hashes> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     hash_reader(f).with_context(|| format!("reading {}", path.display()))
 }
 
-fn hash_reader(mut r: impl Read) -> io::Result<Sha256> {
-    let mut h = sha2::Sha256::new();
+fn hash_reader(mut r: impl Read) -> io::Result<Hashes> {
+    let mut h = Hasher::default();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = r.read(&mut buf)?;
@@ -126,7 +152,54 @@ fn hash_reader(mut r: impl Read) -> io::Result<Sha256> {
         }
         h.update(&buf[..n]);
     }
-    Ok(Sha256::from_bytes(h.finalize().into()))
+    Ok(h.finish())
+}
+
+/// A second, independent publication the bytes must also agree with: K3s's release
+/// `sha256sum-amd64.txt` beside the profile's own pin.
+#[derive(Debug, Clone)]
+pub struct CrossCheck {
+    /// Names the publication in errors (its URL).
+    pub source: String,
+    pub sha256: Sha256,
+}
+
+/// Are bytes with hashes `h` what `pin` (and `also`, when given) say? The one verdict used for
+/// fresh downloads, resumed ones, local copies, cache hits and installed files.
+pub fn verify(
+    url: &str,
+    pin: &Pin,
+    also: Option<&CrossCheck>,
+    h: &Hashes,
+) -> Result<(), DownloadError> {
+    if let Some(n) = pin.size {
+        if n != h.size {
+            return Err(DownloadError::SizeMismatch {
+                url: url.to_string(),
+                expected: n,
+                what: "body",
+                actual: h.size,
+            });
+        }
+    }
+    if !pin.digest.matches(h) {
+        return Err(DownloadError::ChecksumMismatch {
+            url: url.to_string(),
+            expected: Box::new(pin.digest),
+            actual: Box::new(pin.digest.of(h)),
+        });
+    }
+    if let Some(c) = also {
+        if c.sha256 != h.sha256 {
+            return Err(DownloadError::CrossCheckMismatch {
+                url: url.to_string(),
+                source_name: c.source.clone(),
+                published: Box::new(c.sha256),
+                actual: Box::new(h.sha256),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Timeouts and retry pacing of a [`Fetcher`].
@@ -189,9 +262,10 @@ impl Fetcher {
         &self.root
     }
 
-    /// Where a verified artifact lives (whether or not it is there yet).
-    pub fn cache_path(&self, sha256: &Sha256) -> PathBuf {
-        self.cache_dir.join(sha256.to_hex())
+    /// Where a verified artifact lives (whether or not it is there yet): named by the hex of
+    /// its pinned digest (64 digits for sha256, 128 for sha512).
+    pub fn cache_path(&self, digest: &Digest) -> PathBuf {
+        self.cache_dir.join(digest.to_hex())
     }
 
     /// Sets the instant at which retries inside a fetch give up. The engine sets the running
@@ -229,8 +303,8 @@ impl Fetcher {
     /// The cache's verified copy of `artifact`, if it holds one (re-hashed now; never touches
     /// the network, never changes the cache).
     pub fn cached(&self, artifact: &Artifact) -> Result<Option<PathBuf>> {
-        let dest = self.cache_path(&artifact.sha256);
-        if dest.is_file() && sha256_file(&dest)? == artifact.sha256 {
+        let dest = self.cache_path(&artifact.pin.digest);
+        if dest.is_file() && artifact.pin.matches(&hash_file(&dest)?) {
             return Ok(Some(dest));
         }
         Ok(None)
@@ -240,20 +314,32 @@ impl Fetcher {
     /// A cached file is re-hashed before reuse; a file of that name in the plan's local
     /// artifact dir is used before the network; with air-gap on, the network is never used.
     pub fn fetch(&self, artifact: &Artifact) -> Result<PathBuf> {
-        let dest = self.cache_path(&artifact.sha256);
+        self.fetch_checked(artifact, None)
+    }
+
+    /// [`Fetcher::fetch`], with the bytes also required to agree with `also` (computed in the
+    /// same streaming pass). A cache hit is re-checked against both.
+    pub fn fetch_checked(&self, artifact: &Artifact, also: Option<&CrossCheck>) -> Result<PathBuf> {
+        let dest = self.cache_path(&artifact.pin.digest);
         let url = display_url(&artifact.url);
         if dest.exists() {
-            let got = sha256_file(&dest)?;
-            if got == artifact.sha256 {
+            let got = hash_file(&dest)?;
+            if artifact.pin.matches(&got) {
+                if let Err(e) = verify(&dest.display().to_string(), &artifact.pin, also, &got) {
+                    // The pin holds but the cross-check does not: no download can fix that.
+                    return Err(
+                        anyhow::Error::new(e).context(format!("checking {}", artifact.name))
+                    );
+                }
                 tracing::debug!(name = %artifact.name, "cache hit");
                 return Ok(dest);
             }
-            tracing::warn!(path = %dest.display(), "cached file fails its sha256; discarding it");
+            tracing::warn!(path = %dest.display(), "cached file fails its pin; discarding it");
             fs::remove_file(&dest).with_context(|| format!("removing {}", dest.display()))?;
         }
         self.ensure_cache_dir()?;
         if let Some(local) = self.local_copy(&artifact.name) {
-            match self.import_local(&local, &artifact.sha256, &dest) {
+            match self.import_local(&local, &artifact.pin, also, &dest) {
                 Ok(()) => {
                     tracing::info!(name = %artifact.name, from = %local.display(), "artifact taken from the local dir");
                     return Ok(dest);
@@ -273,7 +359,7 @@ impl Fetcher {
         let start = Instant::now();
         let mut backoff = self.policy.backoff.clone();
         loop {
-            match self.download_once(&artifact.url, &artifact.sha256, &dest, deadline) {
+            match self.download_once(&artifact.url, &artifact.pin, also, &dest, deadline) {
                 Ok(()) => {
                     tracing::info!(name = %artifact.name, url = %url, elapsed = ?start.elapsed(), "downloaded and verified");
                     return Ok(dest);
@@ -301,8 +387,23 @@ impl Fetcher {
     /// Fetches `artifact` and installs it at `node_path` (under the root) with `mode`, atomically.
     /// Returns false, writing nothing, when the file there already has the pinned sha256.
     pub fn install(&self, artifact: &Artifact, node_path: &str, mode: u32) -> Result<bool> {
+        self.install_checked(artifact, None, node_path, mode)
+    }
+
+    /// [`Fetcher::install`] with a cross-check (see [`Fetcher::fetch_checked`]).
+    pub fn install_checked(
+        &self,
+        artifact: &Artifact,
+        also: Option<&CrossCheck>,
+        node_path: &str,
+        mode: u32,
+    ) -> Result<bool> {
         let target = self.root.path(node_path);
-        if target.exists() && sha256_file(&target)? == artifact.sha256 {
+        let installed = |t: &Path| -> Result<bool> {
+            let h = hash_file(t)?;
+            Ok(artifact.pin.matches(&h) && also.is_none_or(|c| c.sha256 == h.sha256))
+        };
+        if target.exists() && installed(&target)? {
             let meta = fs::metadata(&target)?;
             if meta.permissions().mode() & 0o7777 != mode {
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))
@@ -310,18 +411,13 @@ impl Fetcher {
             }
             return Ok(false);
         }
-        let src = self.fetch(artifact)?;
+        let src = self.fetch_checked(artifact, also)?;
         copy_atomic(&src, &target, mode)?;
         // The copy is re-hashed: the cache file could have been changed since it was verified.
-        let got = sha256_file(&target)?;
-        if got != artifact.sha256 {
+        let got = hash_file(&target)?;
+        if let Err(e) = verify(&display_url(&artifact.url), &artifact.pin, also, &got) {
             let _ = fs::remove_file(&target);
-            return Err(DownloadError::ChecksumMismatch {
-                url: display_url(&artifact.url),
-                expected: artifact.sha256,
-                actual: got,
-            }
-            .into());
+            return Err(e.into());
         }
         Ok(true)
     }
@@ -414,18 +510,19 @@ impl Fetcher {
         p.is_file().then_some(p)
     }
 
-    fn import_local(&self, src: &Path, want: &Sha256, dest: &Path) -> Result<()> {
+    fn import_local(
+        &self,
+        src: &Path,
+        pin: &Pin,
+        also: Option<&CrossCheck>,
+        dest: &Path,
+    ) -> Result<()> {
         let partial = partial_path(dest);
         copy_atomic(src, &partial, 0o600)?;
-        let got = sha256_file(&partial)?;
-        if got != *want {
+        let got = hash_file(&partial)?;
+        if let Err(e) = verify(&src.display().to_string(), pin, also, &got) {
             let _ = fs::remove_file(&partial);
-            return Err(DownloadError::ChecksumMismatch {
-                url: src.display().to_string(),
-                expected: *want,
-                actual: got,
-            }
-            .into());
+            return Err(e.into());
         }
         fs::rename(&partial, dest)
             .with_context(|| format!("renaming {} to {}", partial.display(), dest.display()))?;
@@ -438,7 +535,8 @@ impl Fetcher {
     fn download_once(
         &self,
         url: &Url,
-        want: &Sha256,
+        pin: &Pin,
+        also: Option<&CrossCheck>,
         dest: &Path,
         deadline: Instant,
     ) -> Result<(), DownloadError> {
@@ -476,7 +574,7 @@ impl Fetcher {
                 .truncate(false)
                 .open(&partial)
                 .map_err(io_err)?;
-            let mut hasher = sha2::Sha256::new();
+            let mut hasher = Hasher::default();
             let offset = match status {
                 206 if have > 0 => {
                     let cr = resp
@@ -485,7 +583,8 @@ impl Fetcher {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_string();
-                    if content_range_start(&cr) != Some(have) {
+                    if content_range_start(&cr) != Some(have) || pin.size.is_some_and(|n| have > n)
+                    {
                         // Not the bytes we asked for: never splice them in. Start over.
                         drop(file);
                         let _ = fs::remove_file(&partial);
@@ -516,7 +615,7 @@ impl Fetcher {
                     // We already hold at least the whole file: it must verify as it is.
                     drop(file);
                     let got = hash_reader(File::open(&partial).map_err(io_err)?).map_err(io_err)?;
-                    if got == *want {
+                    if verify(&shown, pin, also, &got).is_ok() {
                         return finish(&partial, dest, &self.cache_dir).map_err(io_err);
                     }
                     let _ = fs::remove_file(&partial);
@@ -532,6 +631,20 @@ impl Fetcher {
                 }
             };
             let expected_len = resp.content_length().map(|l| l + offset);
+            if let (Some(n), Some(len)) = (pin.size, expected_len) {
+                if len != n {
+                    // The server announces another length than the pin: the wrong file, known
+                    // before a byte of it is read.
+                    drop(file);
+                    let _ = fs::remove_file(&partial);
+                    return Err(DownloadError::SizeMismatch {
+                        url: shown,
+                        expected: n,
+                        what: "announced length",
+                        actual: len,
+                    });
+                }
+            }
             let mut received = offset;
             let mut body = resp;
             let mut buf = vec![0u8; 64 * 1024];
@@ -553,6 +666,17 @@ impl Fetcher {
                         return Err(io_to_download(&shown, e));
                     }
                 };
+                if let Some(limit) = pin.size.filter(|l| received + n as u64 > *l) {
+                    // Longer than pinned (no or a lying Content-Length): stop reading now.
+                    drop(file);
+                    let _ = fs::remove_file(&partial);
+                    return Err(DownloadError::SizeMismatch {
+                        url: shown,
+                        expected: limit,
+                        what: "body",
+                        actual: received + n as u64,
+                    });
+                }
                 file.write_all(&buf[..n]).map_err(io_err)?;
                 hasher.update(&buf[..n]);
                 received += n as u64;
@@ -569,8 +693,8 @@ impl Fetcher {
             }
             file.sync_all().map_err(io_err)?;
             drop(file);
-            let got = Sha256::from_bytes(hasher.finalize().into());
-            if got != *want {
+            let got = hasher.finish();
+            if let Err(e) = verify(&shown, pin, also, &got) {
                 let _ = fs::remove_file(&partial);
                 if offset > 0 && allow_resume {
                     // The prefix came from an earlier response; give a whole fresh body one try
@@ -578,11 +702,7 @@ impl Fetcher {
                     allow_resume = false;
                     continue;
                 }
-                return Err(DownloadError::ChecksumMismatch {
-                    url: shown,
-                    expected: *want,
-                    actual: got,
-                });
+                return Err(e);
             }
             return finish(&partial, dest, &self.cache_dir).map_err(io_err);
         }
@@ -630,7 +750,7 @@ fn io_to_download(url: &str, e: io::Error) -> DownloadError {
     }
 }
 
-struct HashWriter<'a>(&'a mut sha2::Sha256);
+struct HashWriter<'a>(&'a mut Hasher);
 impl Write for HashWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.update(buf);

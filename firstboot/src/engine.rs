@@ -513,8 +513,8 @@ mod tests {
         }
         let mismatch: anyhow::Error = DownloadError::ChecksumMismatch {
             url: "u".into(),
-            expected: kiln_plan::Sha256::from_bytes([1; 32]),
-            actual: kiln_plan::Sha256::from_bytes([2; 32]),
+            expected: Box::new(kiln_plan::Sha256::from_bytes([1; 32]).into()),
+            actual: Box::new(kiln_plan::Sha256::from_bytes([2; 32]).into()),
         }
         .into();
         assert!(!is_transient(&mismatch.context("downloading k3s")));

@@ -3,13 +3,13 @@
 //! later steps hand their Kubernetes objects to K3s through it).
 
 use crate::cmd::Cmd;
-use crate::download::{sha256_file, Fetcher};
+use crate::download::{display_url, hash_file, sha256_file, CrossCheck, Fetcher};
 use crate::engine::{Cx, Step, Transient};
 use crate::fs::{copy_atomic, write_atomic, Root};
 use crate::systemd;
 use anyhow::{bail, Context, Result};
 use kiln_plan::manifests::addon_name;
-use kiln_plan::{paths, Plan, Sha256, StepId};
+use kiln_plan::{paths, Artifact, Digest, Plan, Sha256, StepId};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
@@ -139,7 +139,7 @@ fn applied_digest(cx: &Cx) -> Result<String> {
     let cfg = config_yaml(cx.plan, cx.facts)?;
     let mut all = Vec::new();
     for part in [
-        cx.plan.k3s.binary.sha256.to_hex().as_bytes(),
+        cx.plan.k3s.binary.pin.digest.to_string().as_bytes(),
         cfg.as_bytes(),
         unit_text().as_bytes(),
         env_text().as_bytes(),
@@ -304,23 +304,35 @@ fn ensure_links(root: &Root) -> Result<bool> {
     Ok(changed)
 }
 
-/// Cross-checks the plan's K3s pin against the release's published `sha256sum-amd64.txt`
-/// (when the plan names it) before the binary is fetched.
-pub fn check_release_pin(fetcher: &Fetcher, k3s: &kiln_plan::K3s) -> Result<()> {
+/// The release's published sha256 of the binary, from its `sha256sum-amd64.txt` (when the plan
+/// names it), as a cross-check the download must also pass: the bytes must match both the
+/// plan's pin (sha256 or sha512) and the release. A sha256 pin that already disagrees with the
+/// release is refused before anything is downloaded.
+pub fn check_release_pin(fetcher: &Fetcher, k3s: &kiln_plan::K3s) -> Result<Option<CrossCheck>> {
     let Some(url) = &k3s.checksums_url else {
-        return Ok(());
+        return Ok(None);
     };
+    let shown = display_url(url);
     let published = checksum_for_k3s(&fetcher.fetch_text(url)?)
-        .with_context(|| format!("checking the k3s pin against {url}"))?;
-    if published != k3s.binary.sha256 {
-        // Permanent: retrying cannot make the plan's pin and the release agree.
-        bail!(
-            "the plan pins k3s {} at sha256 {}, but the release's checksum file {url} says {published}",
-            k3s.version,
-            k3s.binary.sha256
-        );
+        .with_context(|| format!("checking the k3s pin against {shown}"))?;
+    if let Digest::Sha256(pinned) = k3s.binary.pin.digest {
+        if pinned != published {
+            // Permanent: retrying cannot make the plan's pin and the release agree.
+            bail!(
+                "the plan pins k3s {} at sha256 {pinned}, but the release's checksum file {shown} says {published}",
+                k3s.version,
+            );
+        }
     }
-    Ok(())
+    Ok(Some(CrossCheck {
+        source: shown,
+        sha256: published,
+    }))
+}
+
+/// Does the file at `p` hold the artifact's pinned bytes?
+pub fn holds(p: &Path, artifact: &Artifact) -> Result<bool> {
+    Ok(p.exists() && artifact.pin.matches(&hash_file(p)?))
 }
 
 pub struct K3sStep;
@@ -332,7 +344,7 @@ impl Step for K3sStep {
 
     fn check(&self, cx: &mut Cx) -> Result<bool> {
         let bin = cx.root.path(paths::K3S_BIN);
-        if !bin.exists() || sha256_file(&bin)? != cx.plan.k3s.binary.sha256 {
+        if !holds(&bin, &cx.plan.k3s.binary)? {
             return Ok(false);
         }
         Ok(config_current(cx)?
@@ -349,10 +361,13 @@ impl Step for K3sStep {
         // A verified copy in the cache was cross-checked when it got there (by this step or by
         // `kiln-firstboot stage` on a baked image): a baked or air-gapped node must not need
         // the release's checksum file, which lives on the network.
-        if cx.fetcher.cached(&k3s.binary)?.is_none() {
-            check_release_pin(cx.fetcher, k3s)?;
-        }
-        let mut changed = cx.fetcher.install(&k3s.binary, paths::K3S_BIN, 0o755)?;
+        let also = match cx.fetcher.cached(&k3s.binary)? {
+            None => check_release_pin(cx.fetcher, k3s)?,
+            Some(_) => None,
+        };
+        let mut changed =
+            cx.fetcher
+                .install_checked(&k3s.binary, also.as_ref(), paths::K3S_BIN, 0o755)?;
         // Before K3s (re)starts: it imports the archives in this dir when it starts.
         for image in &k3s.images {
             changed |= cx.fetcher.install(image, &image_path(&image.name), 0o644)?;
@@ -394,7 +409,7 @@ fn image_path(name: &str) -> String {
 fn images_current(cx: &Cx) -> Result<bool> {
     for image in &cx.plan.k3s.images {
         let p = cx.root.path(image_path(&image.name));
-        if !p.exists() || sha256_file(&p)? != image.sha256 {
+        if !holds(&p, image)? {
             return Ok(false);
         }
     }

@@ -10,7 +10,7 @@ use crate::download::Fetcher;
 use crate::fs::Root;
 use crate::k3s;
 use anyhow::{Context, Result};
-use kiln_plan::{Plan, Sha256, StepId};
+use kiln_plan::{Digest, Plan, StepId};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -37,7 +37,7 @@ impl Source {
 pub struct Staged {
     pub step: StepId,
     pub name: String,
-    pub sha256: Sha256,
+    pub digest: Digest,
     pub size: u64,
     pub path: PathBuf,
     pub source: Source,
@@ -46,10 +46,11 @@ pub struct Staged {
 /// The line printed per artifact; `kiln bake` reads these back from the console.
 pub fn line(s: &Staged) -> String {
     format!(
-        "kiln-stage: staged {} for {} sha256 {} {} bytes ({})",
+        "kiln-stage: staged {} for {} {} {} {} bytes ({})",
         s.name,
         s.step,
-        s.sha256,
+        s.digest.algorithm(),
+        s.digest.to_hex(),
         s.size,
         s.source.as_str()
     )
@@ -75,17 +76,19 @@ pub fn stage(root: &Root, plan: &Plan, out: &mut dyn Write) -> Result<Vec<Staged
     for (step, artifact) in plan.pinned_artifacts() {
         let started = Instant::now();
         fetcher.set_deadline(Some(started + plan.deadline(step)));
-        let source = if fetcher.cached(artifact)?.is_some() {
-            Source::Cached
+        let (source, also) = if fetcher.cached(artifact)?.is_some() {
+            (Source::Cached, None)
+        } else if step == StepId::K3s && artifact.name == plan.k3s.binary.name {
+            // The same cross-check the k3s step makes before a binary enters the cache.
+            (
+                Source::Fetched,
+                k3s::check_release_pin(&fetcher, &plan.k3s)?,
+            )
         } else {
-            if step == StepId::K3s {
-                // The same cross-check the k3s step makes before a binary enters the cache.
-                k3s::check_release_pin(&fetcher, &plan.k3s)?;
-            }
-            Source::Fetched
+            (Source::Fetched, None)
         };
         let path = fetcher
-            .fetch(artifact)
+            .fetch_checked(artifact, also.as_ref())
             .with_context(|| format!("staging {} for step {step}", artifact.name))?;
         let size = std::fs::metadata(&path)
             .with_context(|| format!("reading {}", path.display()))?
@@ -93,7 +96,7 @@ pub fn stage(root: &Root, plan: &Plan, out: &mut dyn Write) -> Result<Vec<Staged
         let s = Staged {
             step,
             name: artifact.name.clone(),
-            sha256: artifact.sha256,
+            digest: artifact.pin.digest,
             size,
             path,
             source,

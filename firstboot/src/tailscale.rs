@@ -53,7 +53,7 @@ fn installed_current(cx: &Cx) -> Result<bool> {
     let Some(inst) = read_installed(cx.root) else {
         return Ok(false);
     };
-    if inst.tarball != cx.plan.tailscale.tarball.sha256.to_hex() {
+    if inst.tarball != cx.plan.tailscale.tarball.pin.digest.to_string() {
         return Ok(false);
     }
     for (_, node_path, _) in MEMBERS {
@@ -113,7 +113,7 @@ fn install_tarball(cx: &Cx) -> Result<(bool, bool)> {
     }
     let _ = fs::remove_dir_all(&staging);
     let inst = Installed {
-        tarball: ts.tarball.sha256.to_hex(),
+        tarball: ts.tarball.pin.digest.to_string(),
         files,
     };
     let bytes = serde_json::to_vec_pretty(&inst)?;
@@ -375,7 +375,7 @@ fn chart_current(cx: &Cx) -> Result<bool> {
         return Ok(true);
     };
     let p = cx.root.path(chart_path(&chart.name));
-    Ok(p.exists() && sha256_file(&p)? == chart.sha256)
+    k3s::holds(&p, chart)
 }
 
 pub struct TailscaleOperatorStep;

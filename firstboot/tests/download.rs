@@ -2,10 +2,10 @@
 //! injected faults. Every case ends with a verified file at the final cache path, or a refusal
 //! with no file there (and no stale `.partial` when its content was wrong).
 
-use kiln_firstboot::download::{sha256_file, DownloadError, FetchPolicy, Fetcher};
+use kiln_firstboot::download::{sha256_file, CrossCheck, DownloadError, FetchPolicy, Fetcher};
 use kiln_firstboot::engine::{is_transient, Backoff};
 use kiln_firstboot::fs::Root;
-use kiln_plan::{Artifact, Artifacts, Sha256, Url};
+use kiln_plan::{Artifact, Artifacts, Digest, Pin, Sha256, Sha512, Url};
 use kiln_qemu::mirror::{Fault, Mirror};
 use kiln_qemu::testkit::PassedCase;
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ fn setup() -> Setup {
     let artifact = Artifact {
         name: "k3s".into(),
         url,
-        sha256: Sha256::digest(&data),
+        pin: Pin::new(Sha256::digest(&data), None),
     };
     let root = Root::new(tmp.path().join("root"));
     Setup {
@@ -73,7 +73,7 @@ fn online() -> Artifacts {
 fn final_path(s: &Setup) -> PathBuf {
     s.root
         .path("/var/lib/kiln/cache")
-        .join(s.artifact.sha256.to_hex())
+        .join(s.artifact.pin.digest.to_hex())
 }
 
 fn partial(p: &Path) -> PathBuf {
@@ -191,7 +191,7 @@ fn flipped_byte_is_refused_permanently_and_nothing_is_kept() {
         Some(DownloadError::ChecksumMismatch {
             expected, actual, ..
         }) => {
-            assert_eq!(*expected, s.artifact.sha256);
+            assert_eq!(**expected, s.artifact.pin.digest);
             assert_ne!(actual, expected);
         }
         other => panic!("expected ChecksumMismatch, got {other:?} / {e:#}"),
@@ -321,7 +321,10 @@ fn install_writes_once_and_then_leaves_the_file_alone() {
     let f = fetcher(&s, online());
     assert!(f.install(&s.artifact, "/usr/local/bin/k3s", 0o755).unwrap());
     let target = s.root.path("/usr/local/bin/k3s");
-    assert_eq!(sha256_file(&target).unwrap(), s.artifact.sha256);
+    assert_eq!(
+        Digest::Sha256(sha256_file(&target).unwrap()),
+        s.artifact.pin.digest
+    );
     use std::os::unix::fs::MetadataExt;
     let ino = std::fs::metadata(&target).unwrap().ino();
     assert!(!f.install(&s.artifact, "/usr/local/bin/k3s", 0o755).unwrap());
@@ -333,7 +336,7 @@ fn install_writes_once_and_then_leaves_the_file_alone() {
 fn fetch_text_reads_small_unpinned_files() {
     let _case = PassedCase::new("mirror-faults", "fetch_text_reads_small_unpinned_files");
     let s = setup();
-    let sums = format!("{}  k3s\n", s.artifact.sha256);
+    let sums = format!("{}  k3s\n", s.artifact.pin.digest.to_hex());
     std::fs::write(
         s.mirror.dir().join("k3s/v1.32.4+k3s1/sha256sum-amd64.txt"),
         &sums,
@@ -358,4 +361,118 @@ fn urls_in_errors_never_show_query_strings() {
     let e = fetcher(&s, online()).fetch(&a).unwrap_err();
     let msg = format!("{e:#} {e:?}");
     assert!(!msg.contains("SECRETSAS"), "{msg}");
+}
+
+#[test]
+fn a_sha512_pin_with_its_size_verifies_and_names_the_cache_file_by_its_hex() {
+    let s = setup();
+    let mut a = s.artifact.clone();
+    a.pin = Pin::new(Sha512::digest(&s.data), Some(s.data.len() as u64));
+    let got = fetcher(&s, online()).fetch(&a).unwrap();
+    assert_eq!(got.file_name().unwrap().len(), 128);
+    assert_eq!(std::fs::read(&got).unwrap(), s.data);
+}
+
+#[test]
+fn a_wrong_sha512_is_refused_and_nothing_is_kept() {
+    let s = setup();
+    let mut a = s.artifact.clone();
+    a.pin = Pin::new(Sha512::digest(b"other bytes"), None);
+    let e = fetcher(&s, online()).fetch(&a).unwrap_err();
+    assert!(format!("{e:#}").contains("sha512 mismatch"), "{e:#}");
+    assert!(!is_transient(&e));
+    let cache = s.root.path("/var/lib/kiln/cache");
+    assert_eq!(std::fs::read_dir(cache).unwrap().count(), 0);
+}
+
+#[test]
+fn a_longer_announced_length_than_the_pinned_size_is_refused_before_the_body() {
+    let s = setup();
+    let mut a = s.artifact.clone();
+    a.pin.size = Some(s.data.len() as u64 - 1);
+    // The body never comes: only the headers can have decided.
+    s.mirror.fault_always(PATH, Fault::HangAfter(0));
+    let t0 = Instant::now();
+    let e = fetcher(&s, online()).fetch(&a).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    match e.downcast_ref::<DownloadError>() {
+        Some(DownloadError::SizeMismatch {
+            expected,
+            actual,
+            what,
+            ..
+        }) => {
+            assert_eq!(*expected, s.data.len() as u64 - 1);
+            assert_eq!(*actual, s.data.len() as u64);
+            assert_eq!(*what, "announced length");
+        }
+        other => panic!("expected SizeMismatch, got {other:?} / {e:#}"),
+    }
+    assert!(!is_transient(&e));
+    assert_eq!(s.mirror.hits(PATH), 1, "a size mismatch is not retried");
+}
+
+#[test]
+fn a_stream_without_length_is_cut_off_as_soon_as_it_passes_the_pinned_size() {
+    use std::io::{Read as _, Write as _};
+    // A server that sends no Content-Length and more bytes than pinned, then keeps the
+    // connection open: the client must stop on its own, not wait for the end.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut req = [0u8; 4096];
+        let _ = c.read(&mut req);
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        let _ = c.write_all(&vec![7u8; 256 * 1024]);
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    let s = setup();
+    let mut a = s.artifact.clone();
+    a.url = Url::parse(&format!("http://127.0.0.1:{port}/k3s")).unwrap();
+    a.pin = Pin::new(Sha256::digest(&[7u8; 1000]), Some(1000));
+    let t0 = Instant::now();
+    let e = fetcher(&s, online()).fetch(&a).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(
+        matches!(
+            e.downcast_ref::<DownloadError>(),
+            Some(DownloadError::SizeMismatch {
+                what: "body",
+                expected: 1000,
+                ..
+            })
+        ),
+        "{e:#}"
+    );
+    drop(server);
+}
+
+#[test]
+fn a_cross_check_that_disagrees_refuses_bytes_that_match_the_pin() {
+    let s = setup();
+    let f = fetcher(&s, online());
+    let wrong = CrossCheck {
+        source: "sha256sum-amd64.txt".into(),
+        sha256: Sha256::digest(b"not the binary"),
+    };
+    let e = f
+        .install_checked(&s.artifact, Some(&wrong), "/usr/local/bin/k3s", 0o755)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.downcast_ref::<DownloadError>(),
+            Some(DownloadError::CrossCheckMismatch { .. })
+        ),
+        "{e:#}"
+    );
+    assert!(!s.root.path("/usr/local/bin/k3s").exists());
+    assert_nothing_final(&s);
+    let right = CrossCheck {
+        source: "sha256sum-amd64.txt".into(),
+        sha256: Sha256::digest(&s.data),
+    };
+    assert!(f
+        .install_checked(&s.artifact, Some(&right), "/usr/local/bin/k3s", 0o755)
+        .unwrap());
 }

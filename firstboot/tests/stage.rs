@@ -178,12 +178,15 @@ fn a_pinned_chart_archive_and_image_archives_are_staged_and_installed_offline() 
         plan.tailscale.operator.chart_archive = Some(kiln_plan::Artifact {
             name: CHART.into(),
             url: base.join(CHART).unwrap(),
-            sha256: kiln_plan::Sha256::digest(&chart_bytes),
+            pin: kiln_plan::Pin::new(kiln_plan::Sha256::digest(&chart_bytes), None),
         });
         plan.k3s.images = vec![kiln_plan::Artifact {
             name: IMAGES.into(),
             url: base.join(&format!("../images/{IMAGES}")).unwrap(),
-            sha256: kiln_plan::Sha256::digest(&image_bytes),
+            pin: kiln_plan::Pin::new(
+                kiln_plan::Sha512::digest(&image_bytes),
+                Some(image_bytes.len() as u64),
+            ),
         }];
         pin_manifests(plan);
         *mirror_dir.borrow_mut() = Some(dir.to_path_buf());

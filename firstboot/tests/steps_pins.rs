@@ -29,7 +29,7 @@ fn mirror_is_deterministic_and_committed_pins_match_the_standins() {
     assert_eq!(
         pins_a, committed,
         "tests/standins/pins.json is stale: run `python3 tests/standins/make-mirror.py DIR` and \
-         copy DIR/pins.json (and the k3s/tailscale sha256 into profiles/qemu-local.yaml)"
+         copy DIR/pins.json (and the k3s sha512/tailscale sha256 and sizes into profiles/qemu-local.yaml)"
     );
     // The release checksum file lists the stand-in binary exactly as install.sh greps it.
     let sums = fs::read_to_string(
@@ -52,11 +52,13 @@ fn mirror_is_deterministic_and_committed_pins_match_the_standins() {
     // profiles/qemu-local.yaml boots against this mirror, so it must pin these artifacts.
     let profile = fs::read_to_string(repo_dir().join("profiles/qemu-local.yaml")).unwrap();
     let base = fs::read_to_string(repo_dir().join("profiles/ameciclo.yaml")).unwrap();
-    for key in ["k3s", "tailscale"] {
-        let sha = pins_a[key]["sha256"].as_str().unwrap();
+    // K3s by sha512 and size (as the reference profile pins the real binary), Tailscale by sha256.
+    for (key, algo) in [("k3s", "sha512"), ("tailscale", "sha256")] {
+        let pin = format!("digest: \"{algo}:{}\"", pins_a[key][algo].as_str().unwrap());
+        let size = format!("size: {}\n", pins_a[key]["size"]);
         assert!(
-            profile.contains(sha),
-            "profiles/qemu-local.yaml does not pin the {key} stand-in ({sha})"
+            profile.contains(&pin) && profile.contains(&size),
+            "profiles/qemu-local.yaml does not pin the {key} stand-in ({pin}, {size})"
         );
     }
     let argocd = pins_a["argocd"]["sha256"].as_str().unwrap();

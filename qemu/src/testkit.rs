@@ -289,11 +289,16 @@ impl Tailnet {
         let sha = pins["tailscale"]["sha256"]
             .as_str()
             .expect("pins.json has the tailscale tarball");
+        let size = pins["tailscale"]["size"]
+            .as_u64()
+            .expect("pins.json has the tarball's size");
         let text = format!(
             "# Written by the test: {base} joined to the test's Headscale.\n\
              extends: {}\n\
              tailscale:\n  \
-               sha256: \"{sha}\"  # the real v1.102.3 tarball built from .ci/go-tools.sh's binaries\n  \
+               # The real v1.102.3 tarball built from .ci/go-tools.sh's binaries.\n  \
+               digest: \"sha256:{sha}\"\n  \
+               size: {size}\n  \
                login-server: http://{GUEST_HEADSCALE}\n  \
                # The key carries the tags: Headscale refuses advertised ones with a key.\n  \
                tags: []\n  \

@@ -948,7 +948,8 @@ fn sigkill_and_hard_resets_in_a_vm_converge_and_no_secret_leaks() {
         (
             "k3s",
             artifact("k3s"),
-            pins["k3s"]["sha256"].as_str().unwrap().to_string(),
+            // qemu-local pins the K3s stand-in by sha512: its cache name is that hex.
+            pins["k3s"]["sha512"].as_str().unwrap().to_string(),
         ),
         (
             "tailscale",

@@ -6,8 +6,11 @@
 #   OUTDIR/tailscale/tailscale_1.102.3_amd64.tgz the static-tarball layout with the stand-ins
 #                                                (host `--root` tests), or with --real-tailscale
 #                                                the real v1.102.3 binaries (VM tests)
+#   OUTDIR/tailscale/tailscale_1.102.3_amd64.tgz.sha256  its hex sha256, as pkgs.tailscale.com
+#                                                publishes one beside each tarball (`kiln lock`)
 #   OUTDIR/argocd/v3.4.7/install.yaml            upstream, byte-for-byte (tests/upstream/)
-#   OUTDIR/pins.json                             name, mirror path and sha256 of each artifact
+#   OUTDIR/pins.json                             name, mirror path, sha256, sha512 and size of
+#                                                each artifact
 # Deterministic: same inputs, same bytes (fixed tar mtimes/owners/order, gzip mtime 0), so the
 # pins in profiles/qemu-local.yaml and tests/standins/pins.json stay valid until a stand-in
 # changes (a test fails when they drift).
@@ -118,12 +121,14 @@ def main():
         "k3s-checksums": ("k3s/%s/sha256sum-amd64.txt" % K3S_TAG, sums, 0o644),
         "tailscale": ("tailscale/tailscale_%s_amd64.tgz" % TS_VERSION, tgz, 0o644),
         "argocd": ("argocd/%s/install.yaml" % ARGOCD_TAG, install, 0o644),
+        "tailscale-sha256": ("tailscale/tailscale_%s_amd64.tgz.sha256" % TS_VERSION,
+                             sha(tgz).encode(), 0o644),
     }
     pins = {}
     for key, (rel, data, mode) in files.items():
         write(os.path.join(out, rel), data, mode)
         pins[key] = {"path": rel, "url-path": rel.replace("+", "%2B"), "sha256": sha(data),
-                     "size": len(data)}
+                     "sha512": hashlib.sha512(data).hexdigest(), "size": len(data)}
     text = json.dumps(pins, indent=2, sort_keys=True) + "\n"
     write(os.path.join(out, "pins.json"), text.encode())
     sys.stdout.write(text)

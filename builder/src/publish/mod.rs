@@ -189,6 +189,7 @@ pub fn publish_profile(req: &Request<'_>) -> Result<Published, BuildError> {
         daemon: req.daemon,
         epoch: req.epoch,
         profile_name: req.profile.display().to_string(),
+        cache: None,
     };
 
     resolved.delivery = Delivery::Url {

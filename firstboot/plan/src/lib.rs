@@ -11,7 +11,7 @@ pub mod manifests;
 pub mod paths;
 pub mod types;
 
-pub use types::{ParseError, Secret, Sha256, Version};
+pub use types::{Digest, Hasher, Hashes, ParseError, Pin, Secret, Sha256, Sha512, Version};
 pub use url::Url;
 
 use serde::{Deserialize, Serialize};
@@ -172,7 +172,8 @@ pub struct Artifact {
     /// File name, used in the cache and when looking in `local-dir`.
     pub name: String,
     pub url: Url,
-    pub sha256: Sha256,
+    /// `sha256:`/`sha512:` digest and optional size; the cache file is named by the digest.
+    pub pin: Pin,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,7 +181,8 @@ pub struct Artifact {
 pub struct K3s {
     pub version: Version,
     pub binary: Artifact,
-    /// The release's `sha256sum-amd64.txt`; the pin must agree with its `k3s` line.
+    /// The release's `sha256sum-amd64.txt`: the downloaded binary must match both the pin and
+    /// the sha256 on its `k3s` line.
     #[serde(default)]
     pub checksums_url: Option<Url>,
     /// The complete `/etc/rancher/k3s/config.yaml`, keys already checked against the allowed
@@ -263,7 +265,7 @@ pub struct TailscaleOperator {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ArgoCd {
     pub version: Version,
-    /// Upstream `install.yaml`, pinned by our own sha256 (upstream publishes none).
+    /// Upstream `install.yaml`, pinned by our own digest (upstream publishes none).
     pub manifest: Artifact,
     pub namespace: String,
     /// First label of the Tailscale Ingress TLS host: the device name in the tailnet.

@@ -12,6 +12,12 @@ pub enum ParseError {
         "invalid version {0:?}: expected v<major>.<minor>.<patch>[-pre][+build], e.g. v1.32.4+k3s1"
     )]
     Version(String),
+    #[error("invalid sha512 {0:?}: expected 128 lowercase hex digits")]
+    Sha512(String),
+    #[error(
+        "invalid digest {0:?}: expected sha256:<64 lowercase hex> or sha512:<128 lowercase hex>"
+    )]
+    Digest(String),
 }
 
 /// A sha256 digest: exactly 64 lowercase hex digits.
@@ -69,6 +75,220 @@ impl<'de> Deserialize<'de> for Sha256 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A sha512 digest: exactly 128 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sha512([u8; 64]);
+
+impl Sha512 {
+    pub fn from_bytes(bytes: [u8; 64]) -> Self {
+        Sha512(bytes)
+    }
+    pub fn as_bytes(&self) -> &[u8; 64] {
+        &self.0
+    }
+    pub fn digest(data: &[u8]) -> Self {
+        use sha2::Digest;
+        Sha512(sha2::Sha512::digest(data).into())
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl FromStr for Sha512 {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let mut out = [0u8; 64];
+        if !is_lower_hex(s, 128) || hex::decode_to_slice(s, &mut out).is_err() {
+            return Err(ParseError::Sha512(s.to_string()));
+        }
+        Ok(Sha512(out))
+    }
+}
+
+impl fmt::Display for Sha512 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+impl fmt::Debug for Sha512 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sha512({})", self.to_hex())
+    }
+}
+
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A content digest as a pin writes it, Ignition-style: `sha256:<hex>` or `sha512:<hex>`.
+/// The algorithm is always explicit, so a 64-digit sha512 prefix can never pass for a sha256.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Digest {
+    Sha256(Sha256),
+    Sha512(Sha512),
+}
+
+impl Digest {
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            Digest::Sha256(_) => "sha256",
+            Digest::Sha512(_) => "sha512",
+        }
+    }
+    pub fn to_hex(&self) -> String {
+        match self {
+            Digest::Sha256(h) => h.to_hex(),
+            Digest::Sha512(h) => h.to_hex(),
+        }
+    }
+    /// The all-zero value templates use as "fill me in": never a real digest.
+    pub fn is_all_zero(&self) -> bool {
+        match self {
+            Digest::Sha256(h) => h.as_bytes().iter().all(|b| *b == 0),
+            Digest::Sha512(h) => h.as_bytes().iter().all(|b| *b == 0),
+        }
+    }
+    /// Does this digest hold for bytes with these hashes?
+    pub fn matches(&self, h: &Hashes) -> bool {
+        match self {
+            Digest::Sha256(d) => *d == h.sha256,
+            Digest::Sha512(d) => *d == h.sha512,
+        }
+    }
+    /// The same algorithm's digest of the bytes `h` describes.
+    pub fn of(&self, h: &Hashes) -> Digest {
+        match self {
+            Digest::Sha256(_) => Digest::Sha256(h.sha256),
+            Digest::Sha512(_) => Digest::Sha512(h.sha512),
+        }
+    }
+}
+
+impl From<Sha256> for Digest {
+    fn from(h: Sha256) -> Self {
+        Digest::Sha256(h)
+    }
+}
+impl From<Sha512> for Digest {
+    fn from(h: Sha512) -> Self {
+        Digest::Sha512(h)
+    }
+}
+
+impl FromStr for Digest {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let err = || ParseError::Digest(s.to_string());
+        match s.split_once(':') {
+            Some(("sha256", hex)) => hex.parse().map(Digest::Sha256).map_err(|_| err()),
+            Some(("sha512", hex)) => hex.parse().map(Digest::Sha512).map_err(|_| err()),
+            _ => Err(err()),
+        }
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.algorithm(), self.to_hex())
+    }
+}
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({self})")
+    }
+}
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A pinned download: its digest and, optionally, its exact length in bytes (a longer stream
+/// is refused as soon as it passes the length, before it is all read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Pin {
+    pub digest: Digest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+impl Pin {
+    pub fn new(digest: impl Into<Digest>, size: Option<u64>) -> Pin {
+        Pin {
+            digest: digest.into(),
+            size,
+        }
+    }
+    /// Do bytes with these hashes satisfy the pin (digest and, when pinned, length)?
+    pub fn matches(&self, h: &Hashes) -> bool {
+        self.digest.matches(h) && self.size.is_none_or(|n| n == h.size)
+    }
+}
+
+impl fmt::Display for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.size {
+            Some(n) => write!(f, "{} ({n} bytes)", self.digest),
+            None => write!(f, "{}", self.digest),
+        }
+    }
+}
+
+/// Every digest a pin may name, of one byte stream, computed in one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hashes {
+    pub sha256: Sha256,
+    pub sha512: Sha512,
+    pub size: u64,
+}
+
+impl Hashes {
+    pub fn of(data: &[u8]) -> Hashes {
+        let mut h = Hasher::default();
+        h.update(data);
+        h.finish()
+    }
+}
+
+/// Streams bytes into sha256 and sha512 at once (both are needed when a sha512 pin must also
+/// agree with a published sha256, as K3s's release sums are).
+#[derive(Clone, Default)]
+pub struct Hasher {
+    sha256: sha2::Sha256,
+    sha512: sha2::Sha512,
+    size: u64,
+}
+
+impl Hasher {
+    pub fn update(&mut self, data: &[u8]) {
+        use sha2::Digest;
+        self.sha256.update(data);
+        self.sha512.update(data);
+        self.size += data.len() as u64;
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn finish(self) -> Hashes {
+        use sha2::Digest;
+        Hashes {
+            sha256: Sha256(self.sha256.finalize().into()),
+            sha512: Sha512(self.sha512.finalize().into()),
+            size: self.size,
+        }
     }
 }
 
@@ -212,6 +432,35 @@ mod tests {
         assert!("A".repeat(64).parse::<Sha256>().is_err());
         assert!("a".repeat(63).parse::<Sha256>().is_err());
         assert!("g".repeat(64).parse::<Sha256>().is_err());
+    }
+
+    #[test]
+    fn digest_names_its_algorithm_and_checks_the_length_for_it() {
+        let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        assert_eq!(d.algorithm(), "sha256");
+        assert_eq!(d.to_string(), format!("sha256:{}", "a".repeat(64)));
+        let d: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
+        assert!(d.is_all_zero());
+        for bad in [
+            "a".repeat(64),
+            format!("sha512:{}", "a".repeat(64)),
+            format!("sha256:{}", "a".repeat(128)),
+            format!("SHA256:{}", "a".repeat(64)),
+            format!("md5:{}", "a".repeat(32)),
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn pin_checks_digest_and_size() {
+        let h = Hashes::of(b"hello");
+        assert_eq!(h.sha256, Sha256::digest(b"hello"));
+        assert_eq!(h.sha512, Sha512::digest(b"hello"));
+        assert!(Pin::new(h.sha512, Some(5)).matches(&h));
+        assert!(Pin::new(h.sha256, None).matches(&h));
+        assert!(!Pin::new(h.sha512, Some(6)).matches(&h));
+        assert!(!Pin::new(Sha512::digest(b"other"), Some(5)).matches(&h));
     }
 
     #[test]

@@ -53,7 +53,15 @@ fn artifact(base: &Url, pins: &Value, key: &str, name: &str) -> Artifact {
     Artifact {
         name: name.into(),
         url: base.join(pin["url-path"].as_str().unwrap()).unwrap(),
-        sha256: pin["sha256"].as_str().unwrap().parse().unwrap(),
+        pin: kiln_plan::Pin::new(
+            pin["sha256"]
+                .as_str()
+                .unwrap()
+                .parse::<kiln_plan::Sha256>()
+                .unwrap(),
+            // Pinned with its size when the pins say it (pins.json does).
+            pin["size"].as_u64(),
+        ),
     }
 }
 

@@ -13,7 +13,7 @@ chmod 0700 /etc/kiln/secrets
 if [ -f "$tarball" ] && verify "$tarball"; then
   say "bundle already present and verified"
 else
-  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-4e4f549bcec99f2973dc05d1161e1b5d180c4d74e35c098c1091e619b8ec55f0.tar.gz'
+  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-b8f3f1cea26a63b7aac29d56b92c2dd5fff439f3cca98cb7318c15e082fef310.tar.gz'
   say "fetching $url"
   rm -f "$tarball.partial"
   curl -fsSL --retry 30 --retry-delay 5 --retry-all-errors --connect-timeout 20 --max-time 900 \
