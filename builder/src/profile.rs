@@ -182,6 +182,10 @@ pub struct TailscaleSpec {
     /// Tailscale API use before joining (rebuilds keep the node's name); see docs/rebuild.md.
     #[serde(default)]
     pub api: Option<TailscaleApiSpec>,
+    /// A self-hosted control server (Headscale): `tailscale up --login-server`. Absent =
+    /// Tailscale's own. Not combinable with `api` (that is Tailscale's SaaS API).
+    #[serde(default)]
+    pub login_server: Option<Url>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

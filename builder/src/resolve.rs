@@ -421,6 +421,17 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             })
         }
     };
+    let login_server = tailscale_login_server(s, t)?;
+    if login_server.is_some() && !t.tags.is_empty() {
+        // Measured with Headscale v0.29.2: "requested tags [tag:k8s] are invalid or not
+        // permitted" for any pre-auth key registration that advertises tags.
+        warnings.push(
+            "tailscale.tags with tailscale.login-server: Headscale (0.28 and later) refuses \
+             --advertise-tags when a node joins with a pre-auth key; give the tags to the key \
+             (headscale preauthkeys create --tags) and leave tailscale.tags empty"
+                .into(),
+        );
+    }
     let o = &t.operator;
     let chart_version = o.chart_version.clone().unwrap_or_else(|| t.version.bare());
     if chart_version.parse::<Version>().is_err()
@@ -495,6 +506,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             chart_archive,
         },
         api,
+        login_server,
     };
 
     // --- argocd
@@ -811,6 +823,36 @@ fn check_label(s: &Sources, at: &[&str], v: &str) -> Result<(), ProfileError> {
             format!("invalid name {v:?}: an RFC 1123 label (a-z, 0-9, -; at most 63)"),
         )
     })
+}
+
+/// `tailscale.login-server`: an http(s) origin of a self-hosted control server. The Tailscale
+/// API settings (device cleanup, key minting) talk to Tailscale's SaaS, whose devices a
+/// Headscale node is not among: the two together are refused rather than half-working.
+fn tailscale_login_server(
+    s: &Sources,
+    t: &crate::profile::TailscaleSpec,
+) -> Result<Option<Url>, ProfileError> {
+    let Some(u) = &t.login_server else {
+        return Ok(None);
+    };
+    check_http(s, &["tailscale", "login-server"], u)?;
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err(s.error(
+            &key_path(&["tailscale", "login-server"]),
+            false,
+            format!("login-server {u} has a query or fragment: expected the server's URL"),
+        ));
+    }
+    if t.api.is_some() {
+        return Err(s.error(
+            &key_path(&["tailscale", "api"]),
+            true,
+            "tailscale.api (device cleanup, key minting) is Tailscale's SaaS API and cannot be \
+             combined with tailscale.login-server (a self-hosted control server such as \
+             Headscale): remove one of them",
+        ));
+    }
+    Ok(Some(u.clone()))
 }
 
 fn check_http(s: &Sources, at: &[&str], u: &Url) -> Result<(), ProfileError> {

@@ -2,7 +2,8 @@
 //! loopback Azurite and writes a payload whose bootstrap fetches it by its signed blob URL at the
 //! guest's address for the host (`http://10.0.2.100/devstoreaccount1/…`, reached only through
 //! guestfwd), checks the sha256 and starts the real static daemon, which then installs the
-//! K3s/Tailscale stand-ins from the loopback mirror and runs every step.
+//! K3s stand-in and the real Tailscale tarball from the loopback mirror and runs every step;
+//! the real tailscaled joins a real Headscale on the host's loopback (guestfwd 10.0.2.102).
 //!
 //! Behind KILN_VM_TESTS=1 (and KILN_FIRSTBOOT = the static daemon), like the inline e2e.
 
@@ -11,8 +12,9 @@ mod publish_support;
 use azure_core::time::OffsetDateTime;
 use kiln::publish::{self, RetrySettings};
 use kiln::render;
+use kiln_qemu::gotools;
 use kiln_qemu::harness::{MirrorLog, Outcome, Session, WaitFor};
-use kiln_qemu::testkit::{make_mirror, repo, vm_tests};
+use kiln_qemu::testkit::{make_tailnet_mirror, vm_tests, Tailnet};
 use kiln_qemu::{accel, image, mirror::Mirror};
 use publish_support::*;
 use std::io::{Read, Write};
@@ -108,8 +110,11 @@ fn url_mode_vm_fetches_the_bundle_from_azurite_and_provisions_the_node() {
     let w = work.path();
 
     // Loopback services: the stand-in artifact mirror and Azurite, behind one router.
+    let tools = gotools::find("url_mode_vm_e2e").expect("required with KILN_VM_TESTS=1");
     let mirror_dir = w.join("mirror");
-    make_mirror(&mirror_dir);
+    let pins = make_tailnet_mirror(&mirror_dir, &tools);
+    let tailnet = Tailnet::start(&tools);
+    let tailnet_profile = tailnet.profile("profiles/qemu-local.yaml", w, "qemu-tailnet", &pins);
     let mirror = Mirror::start(&mirror_dir).unwrap();
     let azurite = Azurite::start(&azurite_bin);
     let router = Router::start(azurite.port, mirror.port());
@@ -121,7 +126,7 @@ fn url_mode_vm_fetches_the_bundle_from_azurite_and_provisions_the_node() {
         &profile,
         format!(
             "extends: {}\nartifacts:\n  delivery: url\n  bundle-base-url: http://10.0.2.100/{ACCOUNT}/kiln/\n",
-            repo().join("profiles/qemu-local.yaml").display()
+            tailnet_profile.display()
         ),
     )
     .unwrap();
@@ -161,6 +166,7 @@ fn url_mode_vm_fetches_the_bundle_from_azurite_and_provisions_the_node() {
     eprintln!("accelerator: {} ({})", choice.accel, choice.reason);
     let out = w.join("out");
     let mut session = Session::new(img, choice, &out, Some(seed), None).unwrap();
+    session.extra_guestfwds = vec![tailnet.guestfwd().parse().unwrap()];
     let report = session
         .boot(
             WaitFor::DaemonDone,

@@ -200,6 +200,11 @@ pub fn up_args(plan: &kiln_plan::Plan, key_file: Option<&str>) -> Vec<String> {
         a.push("--auth-key".into());
         a.push(format!("file:{k}"));
     }
+    if let Some(server) = &ts.login_server {
+        a.push("--login-server".into());
+        // As users write it (`https://hs.example.com`); the client trims the slash anyway.
+        a.push(server.as_str().trim_end_matches('/').to_string());
+    }
     a.push("--hostname".into());
     a.push(ts.hostname.clone());
     if !ts.tags.is_empty() {

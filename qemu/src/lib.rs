@@ -2,7 +2,9 @@
 //! guest disk reader, and the harness behind `kiln qemu` and the end-to-end tests.
 pub mod accel;
 pub mod fake_tailscale_api;
+pub mod gotools;
 pub mod harness;
+pub mod headscale;
 pub mod image;
 pub mod inspect;
 pub mod mirror;

@@ -197,6 +197,163 @@ pub fn journal_view(root: &Path) -> Vec<(String, bool, serde_json::Value)> {
         .collect()
 }
 
+/// The VM tests' artifact mirror: the K3s stand-in and the real Tailscale v1.102.3 tarball
+/// (`tools`' binaries, upstream layout), built into `dir` by the steps' own tool; its pins.
+pub fn make_tailnet_mirror(dir: &Path, tools: &crate::gotools::GoTools) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(repo().join("tests/standins/make-mirror.py"))
+        .arg("--real-tailscale")
+        .arg(&tools.tailscale_dir)
+        .arg(tools.tailscale_module())
+        .arg(dir)
+        .output()
+        .expect("running python3 tests/standins/make-mirror.py");
+    assert!(
+        out.status.success(),
+        "make-mirror.py --real-tailscale: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    read_json(&dir.join("pins.json"))
+}
+
+/// Where guests reach the test's Headscale (a guestfwd to its loopback port, like the mirror
+/// at 10.0.2.100 and the Tailscale API stand-in at 10.0.2.101).
+pub const GUEST_HEADSCALE: &str = "10.0.2.102";
+
+/// A real Headscale on loopback for a VM test: user `kiln`, a single-use pre-auth key tagged
+/// `tag:k8s` (the tag qemu-local's profile advertises), and what a profile needs to join it.
+pub struct Tailnet {
+    pub headscale: crate::headscale::Headscale,
+    pub user: u64,
+    pub key: String,
+    /// Headscale's state right after the user and key were made, for [`Tailnet::fresh`].
+    template: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+pub const TAILNET_TAGS: [&str; 1] = ["tag:k8s"];
+
+impl Tailnet {
+    /// Headscale with user `kiln` and a single-use key (`reusable`: a key any number of nodes
+    /// may join with).
+    pub fn start(tools: &crate::gotools::GoTools) -> Tailnet {
+        Self::start_with(tools, false)
+    }
+
+    pub fn start_with(tools: &crate::gotools::GoTools, reusable: bool) -> Tailnet {
+        use crate::headscale::Headscale;
+        let url = format!("http://{GUEST_HEADSCALE}");
+        let hs = Headscale::start(&tools.headscale, Some(&url), "kiln", &TAILNET_TAGS)
+            .expect("starting headscale");
+        let user = hs.create_user("kiln").expect("headscale user");
+        let key = hs
+            .preauth_key(user, &TAILNET_TAGS, reusable)
+            .expect("headscale pre-auth key");
+        let template = hs.stop();
+        let dir = Headscale::copy_dir(template.path()).expect("copying headscale's state");
+        let headscale =
+            Headscale::start_in(&tools.headscale, dir, Some(&url), "kiln", &TAILNET_TAGS)
+                .expect("restarting headscale");
+        Tailnet {
+            headscale,
+            user,
+            key,
+            template,
+            bin: tools.headscale.clone(),
+        }
+    }
+
+    /// Replaces the server with a fresh one holding the same user and key and no nodes (a
+    /// test's independent runs with one payload: same node name, same first address).
+    pub fn fresh(&mut self) {
+        use crate::headscale::Headscale;
+        let dir = Headscale::copy_dir(self.template.path()).expect("copying headscale's state");
+        let url = format!("http://{GUEST_HEADSCALE}");
+        let new = Headscale::start_in(&self.bin, dir, Some(&url), "kiln", &TAILNET_TAGS)
+            .expect("restarting headscale");
+        drop(std::mem::replace(&mut self.headscale, new));
+    }
+
+    /// `kiln qemu test --guestfwd` value joining the guest's http://10.0.2.102/ to Headscale.
+    pub fn guestfwd(&self) -> String {
+        format!("{GUEST_HEADSCALE}:80={}", self.headscale.port)
+    }
+
+    /// Writes `dir/NAME.yaml`: `base` (repo-relative) plus the tailnet (login server, no
+    /// advertised tags, the `tag:k8s` pre-auth key as a file secret beside it) and the mirror's Tailscale tarball pin
+    /// (`pins`, from [`make_tailnet_mirror`]); its path.
+    pub fn profile(&self, base: &str, dir: &Path, name: &str, pins: &serde_json::Value) -> PathBuf {
+        std::fs::create_dir_all(dir).expect("profile dir");
+        let key_file = dir.join(format!("{name}-auth-key"));
+        std::fs::write(&key_file, format!("{}\n", self.key)).expect("writing the key file");
+        let sha = pins["tailscale"]["sha256"]
+            .as_str()
+            .expect("pins.json has the tailscale tarball");
+        let size = pins["tailscale"]["size"]
+            .as_u64()
+            .expect("pins.json has the tarball's size");
+        let text = format!(
+            "# Written by the test: {base} joined to the test's Headscale.\n\
+             extends: {}\n\
+             tailscale:\n  \
+               # The real v1.102.3 tarball built from .ci/go-tools.sh's binaries.\n  \
+               digest: \"sha256:{sha}\"\n  \
+               size: {size}\n  \
+               login-server: http://{GUEST_HEADSCALE}\n  \
+               # The key carries the tags: Headscale refuses advertised ones with a key.\n  \
+               tags: []\n  \
+               auth-key: {{file: {}}}\n",
+            repo().join(base).display(),
+            key_file.file_name().unwrap().to_string_lossy(),
+        );
+        let p = dir.join(format!("{name}.yaml"));
+        std::fs::write(&p, text).expect("writing the tailnet profile");
+        p
+    }
+}
+
+impl Tailnet {
+    /// Runs `f` while a second thread polls `headscale nodes list` every 2 s; `f`'s result and
+    /// every sighting of the node named `name` (host Unix time, Headscale's JSON for it).
+    pub fn watch_while<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce() -> T,
+    ) -> (T, Vec<(f64, serde_json::Value)>) {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let seen = s.spawn(|| {
+                let mut seen = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(nodes) = self.headscale.nodes() {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                            .as_secs_f64();
+                        seen.extend(
+                            nodes
+                                .into_iter()
+                                .filter(|n| n["name"] == name)
+                                .map(|n| (now, n)),
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
+                seen
+            });
+            let out = f();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            (out, seen.join().expect("the Headscale watcher"))
+        })
+    }
+}
+
+/// Whether `ip` is in the tailnet's IPv4 range, 100.64.0.0/10.
+pub fn in_tailnet_v4(ip: &str) -> bool {
+    ip.parse::<std::net::Ipv4Addr>()
+        .is_ok_and(|a| a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64)
+}
+
 /// Records a test's counts as `<target>/reliability/<name>.json` (written atomically), the one
 /// source `tests/reliability/summary.sh` builds its table from: the summary never reruns a test.
 pub fn record_reliability(name: &str, doc: &serde_json::Value) {

@@ -13,7 +13,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use kiln_qemu::testkit::{self, read_json};
+use kiln_qemu::gotools;
+use kiln_qemu::testkit::{self, read_json, Tailnet};
 
 fn kiln(args: &[&str]) -> (Output, String) {
     testkit::run_kiln(args)
@@ -99,15 +100,24 @@ fn baked_image_reaches_done_with_the_mirror_off_and_is_compared_with_payload_onl
     let w = work.path.clone();
     let s = |p: &Path| p.to_str().unwrap().to_string();
 
+    // The mirror serves the K3s stand-in and the real Tailscale tarball; both boots' real
+    // tailscaled join a real Headscale (a reusable key, a fresh server per boot).
+    let tools = gotools::find("baked").expect("required with KILN_VM_TESTS=1");
     let mirror = w.join("mirror");
-    testkit::make_mirror(&mirror);
-    let pins = read_json(&mirror.join("pins.json"));
+    let pins = testkit::make_tailnet_mirror(&mirror, &tools);
+    let mut tailnet = Tailnet::start_with(&tools, true);
+    let profile = tailnet.profile(
+        "qemu/tests/profiles/qemu-local-url.yaml",
+        &w,
+        "baked-tailnet",
+        &pins,
+    );
 
     // 1. Bake.
     let bake = w.join("bake");
     let (out, text) = kiln(&[
         "bake",
-        "qemu/tests/profiles/qemu-local-url.yaml",
+        &s(&profile),
         "--image",
         "debian-12-test",
         "--mirror",
@@ -271,6 +281,8 @@ fn baked_image_reaches_done_with_the_mirror_off_and_is_compared_with_payload_onl
         &s(&bake),
         "--mirror",
         &s(&empty),
+        "--guestfwd",
+        &tailnet.guestfwd(),
         "-o",
         &s(&run_baked),
         "--deadline",
@@ -301,6 +313,7 @@ fn baked_image_reaches_done_with_the_mirror_off_and_is_compared_with_payload_onl
 
     // 3. Payload-only: the plain test image, the same seed, the full mirror.
     let run_payload = w.join("run-payload");
+    tailnet.fresh();
     let (out, _) = kiln(&[
         "qemu",
         "test",
@@ -308,6 +321,8 @@ fn baked_image_reaches_done_with_the_mirror_off_and_is_compared_with_payload_onl
         &s(&seed),
         "--mirror",
         &s(&mirror),
+        "--guestfwd",
+        &tailnet.guestfwd(),
         "-o",
         &s(&run_payload),
         "--deadline",

@@ -36,6 +36,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_qemu::accel;
+use kiln_qemu::gotools;
 use kiln_qemu::harness::Session;
 use kiln_qemu::image;
 use kiln_qemu::inspect::GuestDisk;
@@ -43,8 +44,8 @@ use kiln_qemu::mirror::{Fault, Mirror};
 use kiln_qemu::qga::Qga;
 use kiln_qemu::serial::{Event, Follower, TimedEvent};
 use kiln_qemu::testkit::{
-    build_profile, journal_view, make_mirror, publish_bundle, repo, sha256_hex, target_dir,
-    work_dir, WorkDir,
+    build_profile, journal_view, make_tailnet_mirror, publish_bundle, repo, sha256_hex, target_dir,
+    work_dir, Tailnet, WorkDir,
 };
 use kiln_qemu::vm::Vm;
 use serde_json::{json, Value};
@@ -87,9 +88,16 @@ struct Guest {
 }
 
 impl Guest {
-    fn start(session: &Session, dir: &Path, mirror: &Mirror, reboots: bool) -> Guest {
+    fn start(
+        session: &Session,
+        dir: &Path,
+        mirror: &Mirror,
+        tailnet: &Tailnet,
+        reboots: bool,
+    ) -> Guest {
         fs::create_dir_all(dir).unwrap();
         let mut cfg = session.vm_config(dir, Some(mirror.port()));
+        cfg.extra_guestfwds = vec![tailnet.guestfwd().parse().unwrap()];
         cfg.no_reboot = !reboots;
         let qga_sock = dir.join("qga.sock");
         cfg.qga_socket = Some(qga_sock.clone());
@@ -403,12 +411,10 @@ fn differences(a: &Converged, b: &Converged) -> Vec<String> {
 struct Canaries(Vec<(String, Vec<String>)>);
 
 impl Canaries {
-    fn load() -> Canaries {
+    /// The profile's file secrets, and the tailnet's pre-auth key (the test profile's
+    /// `tailscale.auth-key`, in place of profiles/secrets.example's).
+    fn load(auth_key: &str) -> Canaries {
         let files = [
-            (
-                "tailscale-auth-key",
-                "profiles/secrets.example/tailscale-auth-key",
-            ),
             (
                 "tailscale-oauth-client-secret",
                 "profiles/secrets.example/tailscale-oauth-client-secret",
@@ -431,6 +437,10 @@ impl Canaries {
                     let b64 = base64_encode(v.as_bytes());
                     (name.to_string(), vec![v, b64])
                 })
+                .chain([(
+                    "tailscale-auth-key".to_string(),
+                    vec![auth_key.to_string(), base64_encode(auth_key.as_bytes())],
+                )])
                 .collect(),
         )
     }
@@ -639,20 +649,25 @@ struct Prepared {
     pins: Value,
     img: image::BaseImage,
     choice: accel::AccelChoice,
+    /// The real Headscale the guests' real tailscaled joins (a reusable key: every run is a
+    /// fresh node).
+    tailnet: Tailnet,
 }
 
-/// A work dir, the stand-in mirror with the bundle of [`PROFILE`] in it (url delivery keeps
-/// boots short), its seed, the test image and the accelerator.
+/// A work dir, the mirror (K3s stand-in, real Tailscale tarball) with the bundle of
+/// [`PROFILE`] joined to a real Headscale in it (url delivery keeps boots short), its seed, the
+/// test image and the accelerator.
 fn prepare(prefix: &str, firstboot: &str) -> Prepared {
+    let tools = gotools::find("vm chaos").expect("required with KILN_VM_TESTS=1");
     let work = work_dir(prefix);
     let w = work.path.clone();
     let mirror_dir = w.join("mirror");
-    make_mirror(&mirror_dir);
+    let pins = make_tailnet_mirror(&mirror_dir, &tools);
+    let tailnet = Tailnet::start_with(&tools, true);
+    let profile = tailnet.profile(PROFILE, &w, "chaos-tailnet", &pins);
     let build = w.join("build");
-    build_profile(PROFILE, firstboot, &build);
+    build_profile(profile.to_str().unwrap(), firstboot, &build);
     publish_bundle(&build, &mirror_dir);
-    let pins: Value =
-        serde_json::from_slice(&fs::read(mirror_dir.join("pins.json")).unwrap()).unwrap();
     let img = image::ensure_test_image(&image::cache_root()).unwrap();
     let choice = accel::choose(
         Path::new("qemu-system-x86_64"),
@@ -669,6 +684,7 @@ fn prepare(prefix: &str, firstboot: &str) -> Prepared {
         pins,
         img,
         choice,
+        tailnet,
     }
 }
 
@@ -690,7 +706,7 @@ fn a_hard_reset_while_the_bootstrap_runs_still_ends_in_a_provisioned_node() {
     let dir = p.w.join("bootstrap-reset");
     let session = Session::new(p.img, p.choice, &dir, Some(p.seed_img), None).unwrap();
     let mirror = Mirror::start(&p.mirror_dir).unwrap();
-    let mut g = Guest::start(&session, &dir.join("boot-1"), &mirror, true);
+    let mut g = Guest::start(&session, &dir.join("boot-1"), &mirror, &p.tailnet, true);
     let serial = g.vm.config.serial_log.clone();
     let until = Instant::now() + Duration::from_secs(1200);
     loop {
@@ -712,6 +728,66 @@ fn a_hard_reset_while_the_bootstrap_runs_still_ends_in_a_provisioned_node() {
     let status = g.finish(Duration::from_secs(900), &dir);
     g.shutdown();
     assert_eq!(status["state"], "done", "{status}");
+    drop(p.work);
+}
+
+/// The Tailscale-state reset window (docs/reliability.md), against the real tailscaled joined to
+/// a real Headscale: a hard reset the moment the tailscale step is done, i.e. right after it
+/// removed the auth key. The node's login state must already be on disk (the step flushes
+/// tailscaled's state dir before removing the key): after the reset the node comes back
+/// Running with no key, the daemon finishes, and Headscale still has that one node (a lost state
+/// would mean NeedsLogin with the key gone, and a failed step).
+#[test]
+fn a_hard_reset_right_after_tailscale_joined_keeps_the_node_on_the_tailnet() {
+    if std::env::var("KILN_VM_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped: set KILN_VM_TESTS=1 (and KILN_FIRSTBOOT) to boot VMs (.ci/run does)");
+        return;
+    }
+    let firstboot = std::env::var("KILN_FIRSTBOOT")
+        .expect("KILN_FIRSTBOOT must name the static kiln-firstboot binary");
+    let t0 = Instant::now();
+    let p = prepare("kiln-chaos-tailscale", &firstboot);
+    let dir = p.w.join("tailscale-reset");
+    let session = Session::new(p.img, p.choice, &dir, Some(p.seed_img), None).unwrap();
+    let mirror = Mirror::start(&p.mirror_dir).unwrap();
+    let mut g = Guest::start(&session, &dir.join("boot-1"), &mirror, &p.tailnet, true);
+    g.wait_event(
+        "step tailscale done",
+        Duration::from_secs(1200),
+        |e| matches!(e, Event::StepDone { step, .. } if step.as_str() == "tailscale"),
+        |_| false,
+    );
+    let at = g.at();
+    g.vm.qmp().unwrap().system_reset().unwrap();
+    eprintln!("chaos: reset at {at:.1}s, as the tailscale step reported done");
+    let status = g.finish(Duration::from_secs(900), &dir);
+    let journal = g.journal_states();
+    // Online on the control server after the reset, before the VM goes down.
+    let node = p
+        .tailnet
+        .headscale
+        .wait_node("ameciclo-k3s", |n| n["online"] == true)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    g.shutdown();
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(node["tags"], json!(["tag:k8s"]), "{node}");
+    assert!(
+        matches!(
+            journal.get("tailscale").map(String::as_str),
+            Some("done" | "skipped")
+        ),
+        "{journal:?}"
+    );
+    let nodes = p.tailnet.headscale.nodes().unwrap();
+    assert_eq!(
+        nodes.len(),
+        1,
+        "the node registered again after the reset: {nodes:?}"
+    );
+    eprintln!(
+        "chaos: tailscale reset window converged, {:.0}s for the whole test",
+        t0.elapsed().as_secs_f64()
+    );
     drop(p.work);
 }
 
@@ -754,10 +830,11 @@ fn sigkill_and_hard_resets_in_a_vm_converge_and_no_secret_leaks() {
         pins,
         img,
         choice,
+        mut tailnet,
     } = prepare("kiln-chaos", &firstboot);
     let artifact = |k: &str| pins[k]["path"].as_str().unwrap().to_string();
     let deadline = Duration::from_secs(1200);
-    let canaries = Canaries::load();
+    let canaries = Canaries::load(&tailnet.key);
 
     // 1. Baseline: uninterrupted.
     let base_dir = w.join("baseline");
@@ -770,7 +847,13 @@ fn sigkill_and_hard_resets_in_a_vm_converge_and_no_secret_leaks() {
     )
     .unwrap();
     let mirror = Mirror::start(&mirror_dir).unwrap();
-    let mut g = Guest::start(&base_session, &base_dir.join("boot-1"), &mirror, false);
+    let mut g = Guest::start(
+        &base_session,
+        &base_dir.join("boot-1"),
+        &mirror,
+        &tailnet,
+        false,
+    );
     let started_at = g
         .wait_event(
             "daemon start",
@@ -886,7 +969,16 @@ fn sigkill_and_hard_resets_in_a_vm_converge_and_no_secret_leaks() {
         let bps = (size / 12).max(SLOW_BPS);
         mirror.fault(path, [Fault::Slow(bps), Fault::Slow(bps)]);
     }
-    let mut g = Guest::start(&kill_session, &kill_dir.join("boot-1"), &mirror, false);
+    // Each run is a new node of its own: a fresh Headscale (same user and key, no nodes)
+    // gives it the baseline's name and address.
+    tailnet.fresh();
+    let mut g = Guest::start(
+        &kill_session,
+        &kill_dir.join("boot-1"),
+        &mirror,
+        &tailnet,
+        false,
+    );
     let mut points: Vec<Value> = Vec::new();
     let mut killed = 0u32;
     let mut inside_as_intended = 0u32;
@@ -1020,7 +1112,14 @@ fn sigkill_and_hard_resets_in_a_vm_converge_and_no_secret_leaks() {
     let reset_dir = w.join("resets");
     let reset_session = Session::new(img, choice, &reset_dir, Some(seed_img), None).unwrap();
     let mirror = Mirror::start(&mirror_dir).unwrap();
-    let mut g = Guest::start(&reset_session, &reset_dir.join("boot-1"), &mirror, true);
+    tailnet.fresh();
+    let mut g = Guest::start(
+        &reset_session,
+        &reset_dir.join("boot-1"),
+        &mirror,
+        &tailnet,
+        true,
+    );
     let mut rng = Rng(seed);
     let mut reset_log: Vec<Value> = Vec::new();
     for r in 1..=resets {

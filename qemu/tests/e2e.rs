@@ -1,20 +1,35 @@
-//! The project's end-to-end proof (issue 5), through the product command `kiln qemu test`:
-//! `kiln build profiles/qemu-local.yaml` → boot the Debian 12 test image with the seed → real
-//! cloud-init runs the payload → the bootstrap verifies the bundle and starts the real static
-//! `kiln-firstboot` → it installs the K3s/Tailscale contract stand-ins from the loopback mirror
-//! through the production download path and runs every step. Then: the guest disk is read back
-//! and checked, the same disk is booted again (every step skipped, nothing downloaded), the
-//! timeline is compared with a floor boot (same image, empty payload), and a mirror serving a
-//! corrupted K3s binary must make `kiln qemu test` fail with the daemon's checksum error.
+//! The project's end-to-end proof (issues 5 and 15), through the product command `kiln qemu
+//! test`: `kiln build` of profiles/qemu-local.yaml joined to a real tailnet → boot the Debian 12
+//! test image with the seed → real cloud-init runs the payload → the bootstrap verifies the
+//! bundle and starts the real static `kiln-firstboot` → it installs the K3s contract stand-in
+//! and the REAL Tailscale v1.102.3 tarball (built from the tailscale.com module by
+//! .ci/go-tools.sh, upstream layout) from the loopback mirror through the production download
+//! path and runs every step; the real tailscaled joins a real Headscale v0.29.2 on the host's
+//! loopback, which the guest reaches at http://10.0.2.102/ through a guestfwd.
+//!
+//! The test profile is written here (`testkit::Tailnet::profile`): qemu-local.yaml plus
+//! `tailscale.login-server`, the mirror's tarball pin, and a single-use `tag:k8s` pre-auth key
+//! the test creates with the `headscale` CLI, given as a file secret.
+//!
+//! Then: the guest disk is read back and checked (the real client's Running state and 100.64/10
+//! address in the journal, the key file gone), Headscale lists the node with its hostname and
+//! tags online during boot 1, the same disk is booted again (every step skipped, nothing
+//! downloaded, the node online again without a key and not re-registered), the timeline is
+//! compared with a floor boot (same image, empty payload), and a mirror serving a corrupted K3s
+//! binary must make `kiln qemu test` fail with the daemon's checksum error.
 //!
 //! Runs only with KILN_VM_TESTS=1 (the lead's .ci/run sets it) and needs KILN_FIRSTBOOT = the
-//! static daemon. About 10 minutes under TCG on 2 cores.
+//! static daemon and .ci/go-tools.sh's binaries. About 10 minutes under TCG on 2 cores.
 
+use kiln_qemu::gotools;
 use kiln_qemu::testkit::{
-    build_profile, files_under, make_mirror, publish_bundle, read_json, repo, run_kiln, vm_tests,
-    work_dir,
+    build_profile, files_under, in_tailnet_v4, make_tailnet_mirror, publish_bundle, read_json,
+    repo, run_kiln, vm_tests, work_dir, Tailnet, TAILNET_TAGS,
 };
 use std::process::{Command, Output};
+
+/// The device name qemu-local.yaml gives the node (`tailscale.hostname` of ameciclo.yaml).
+const TS_HOSTNAME: &str = "ameciclo-k3s";
 
 fn run_kiln_qemu_test(args: &[&str]) -> (Output, String) {
     run_kiln(&[&["qemu", "test"], args].concat())
@@ -25,12 +40,23 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     let Some(firstboot) = vm_tests("qemu e2e") else {
         return;
     };
+    let tools = gotools::find("qemu e2e").expect("required with KILN_VM_TESTS=1");
     let work = work_dir("kiln-e2e");
     let w = &work.path;
 
-    // The stand-in mirror, built by the steps' own tool.
+    // The mirror (K3s stand-in, real Tailscale tarball), built by the steps' own tool, and the
+    // tailnet: Headscale, its user and a tagged single-use key.
     let mirror = w.join("mirror");
-    make_mirror(&mirror);
+    let pins = make_tailnet_mirror(&mirror, &tools);
+    let tailnet = Tailnet::start(&tools);
+    let fwd = tailnet.guestfwd();
+    let profile = tailnet.profile("profiles/qemu-local.yaml", w, "qemu-local-tailnet", &pins);
+    let profile_url = tailnet.profile(
+        "qemu/tests/profiles/qemu-local-url.yaml",
+        w,
+        "qemu-local-url-tailnet",
+        &pins,
+    );
 
     // First, as it is the short boot: a mirror serving a corrupted K3s binary. The daemon
     // refuses it and kiln qemu test fails with the daemon's error in its output. This boot uses
@@ -50,11 +76,7 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     bytes[mid] ^= 0xff;
     std::fs::write(&k3s, bytes).unwrap();
     let build_url = w.join("build-url");
-    build_profile(
-        "qemu/tests/profiles/qemu-local-url.yaml",
-        &firstboot,
-        &build_url,
-    );
+    build_profile(profile_url.to_str().unwrap(), &firstboot, &build_url);
     let sha = publish_bundle(&build_url, &bad);
     let seed = build_url.join("seed.img");
     let run_bad = w.join("run-bad");
@@ -101,21 +123,26 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     );
 
     // 1-4: floor, first boot, reboot of the same disk.
+    // Headscale is watched throughout: the node must be online during each boot.
     let run = w.join("run");
-    let (out, text) = run_kiln_qemu_test(&[
-        "profiles/qemu-local.yaml",
-        "--firstboot",
-        &firstboot,
-        "--mirror",
-        mirror.to_str().unwrap(),
-        "-o",
-        run.to_str().unwrap(),
-        "--boots",
-        "2",
-        "--floor",
-        "--deadline",
-        "900",
-    ]);
+    let ((out, text), sightings) = tailnet.watch_while(TS_HOSTNAME, || {
+        run_kiln_qemu_test(&[
+            profile.to_str().unwrap(),
+            "--firstboot",
+            &firstboot,
+            "--mirror",
+            mirror.to_str().unwrap(),
+            "--guestfwd",
+            &fwd,
+            "-o",
+            run.to_str().unwrap(),
+            "--boots",
+            "2",
+            "--floor",
+            "--deadline",
+            "900",
+        ])
+    });
     assert!(
         out.status.success(),
         "kiln qemu test failed; see the output above and {}",
@@ -208,6 +235,63 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
         "{reqs1:?}"
     );
 
+    // The real client joined: the tailscale step records what `tailscale status --json` said
+    // once BackendState was Running (kiln_firstboot::tailscale::wait_running).
+    let ts_step = journal["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["id"] == "tailscale")
+        .unwrap();
+    let ips: Vec<String> = ts_step["facts"]["tailscale.ips"]
+        .as_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let v4 = ips
+        .iter()
+        .find(|ip| in_tailnet_v4(ip))
+        .unwrap_or_else(|| panic!("no 100.64.0.0/10 address from the real client: {ts_step}"));
+    assert_eq!(
+        ts_step["facts"]["tailscale.dns-name"],
+        format!("{TS_HOSTNAME}.{}", kiln_qemu::headscale::BASE_DOMAIN),
+        "{ts_step}"
+    );
+    let plan = read_json(&guest1.join("etc/kiln/plan.json"));
+    assert_eq!(plan["tailscale"]["login-server"], "http://10.0.2.102/");
+    assert_eq!(plan["tailscale"]["hostname"], TS_HOSTNAME);
+    // Headscale saw the node, with the profile's hostname and tags, online during boot 1 and
+    // again during boot 2 (the reboot: no key any more, see the stats below), and never a
+    // second registration.
+    let boot2_start = boots[1]["started_unix"].as_f64().unwrap();
+    let online = |n: &serde_json::Value| {
+        n["online"] == true
+            && n["tags"] == serde_json::json!(TAILNET_TAGS)
+            && n["ip_addresses"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|ip| ip == v4.as_str()))
+    };
+    assert!(
+        sightings.iter().any(|(t, n)| *t < boot2_start && online(n)),
+        "Headscale never listed {TS_HOSTNAME} online with {TAILNET_TAGS:?} during boot 1: {sightings:?}\n{}",
+        tailnet.headscale.log()
+    );
+    assert!(
+        sightings.iter().any(|(t, n)| *t > boot2_start && online(n)),
+        "{TS_HOSTNAME} was not online again after the reboot: {sightings:?}"
+    );
+    let nodes = tailnet.headscale.nodes().unwrap();
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    // The auth key is gone from the node after boot 1, and boot 2 needed none.
+    for b in boots {
+        assert!(
+            b["guest"]["stats"]["/etc/kiln/secrets/tailscale-auth-key"].is_null(),
+            "the auth key file is still on the node: {}",
+            b["guest"]["stats"]
+        );
+    }
+
     // K3s config disables traefik and servicelb.
     let cfg: serde_yaml::Value =
         serde_yaml::from_slice(&std::fs::read(guest1.join("etc/rancher/k3s/config.yaml")).unwrap())
@@ -270,7 +354,7 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
     }
 
     // No secret value anywhere in what the run produced: serial logs, guest logs, reports.
-    let secrets: Vec<String> = ["tailscale-auth-key", "tailscale-oauth-client-secret"]
+    let mut secrets: Vec<String> = ["tailscale-auth-key", "tailscale-oauth-client-secret"]
         .iter()
         .map(|n| {
             std::fs::read_to_string(repo().join("profiles/secrets.example").join(n))
@@ -279,6 +363,7 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
                 .to_string()
         })
         .collect();
+    secrets.push(tailnet.key.clone());
     let mut scanned = 0;
     for f in files_under(&run) {
         let name = f.to_string_lossy();

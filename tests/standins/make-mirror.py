@@ -4,6 +4,8 @@
 #   OUTDIR/k3s/v1.32.4+k3s1/k3s                  the K3s contract stand-in (0755)
 #   OUTDIR/k3s/v1.32.4+k3s1/sha256sum-amd64.txt  `<sha256>  k3s`, as the release publishes it
 #   OUTDIR/tailscale/tailscale_1.102.3_amd64.tgz the static-tarball layout with the stand-ins
+#                                                (host `--root` tests), or with --real-tailscale
+#                                                the real v1.102.3 binaries (VM tests)
 #   OUTDIR/tailscale/tailscale_1.102.3_amd64.tgz.sha256  its hex sha256, as pkgs.tailscale.com
 #                                                publishes one beside each tarball (`kiln lock`)
 #   OUTDIR/argocd/v3.4.7/install.yaml            upstream, byte-for-byte (tests/upstream/)
@@ -13,7 +15,12 @@
 # pins in profiles/qemu-local.yaml and tests/standins/pins.json stay valid until a stand-in
 # changes (a test fails when they drift).
 #
-# Usage: make-mirror.py OUTDIR        (prints pins.json to stdout as well)
+# Usage: make-mirror.py [--real-tailscale BINDIR MODDIR] OUTDIR   (prints pins.json as well)
+#   BINDIR holds `tailscale` and `tailscaled` built from tailscale.com@v1.102.3 (.ci/go-tools.sh),
+#   MODDIR is that module's source (`$(go env GOMODCACHE)/tailscale.com@v1.102.3`), whose
+#   cmd/tailscaled/ holds the systemd files the release tarball carries. The tarball then has
+#   the members, order, modes and owners of release/dist/unixpkgs (tgzTarget.Build) in that
+#   module; its mtimes are fixed, so the same binaries give the same bytes.
 
 import gzip
 import hashlib
@@ -49,9 +56,9 @@ def write(path, data, mode=0o644):
     os.replace(tmp, path)
 
 
-def tailscale_tgz():
+def standin_entries():
     top = "tailscale_%s_amd64" % TS_VERSION
-    entries = [
+    return [
         (top + "/", None, 0o755),
         (top + "/systemd/", None, 0o755),
         (top + "/systemd/tailscaled.defaults", read(os.path.join(HERE, "tailscale-systemd/tailscaled.defaults")), 0o644),
@@ -59,6 +66,25 @@ def tailscale_tgz():
         (top + "/tailscale", read(os.path.join(HERE, "tailscale")), 0o755),
         (top + "/tailscaled", read(os.path.join(HERE, "tailscaled")), 0o755),
     ]
+
+
+def real_entries(bindir, moddir):
+    """The release tarball's members in release/dist/unixpkgs' order."""
+    top = "tailscale_%s_amd64" % TS_VERSION
+    unit_dir = os.path.join(moddir, "cmd/tailscaled")
+    entries = [
+        (top + "/", None, 0o755),
+        (top + "/tailscaled", read(os.path.join(bindir, "tailscaled")), 0o755),
+        (top + "/tailscale", read(os.path.join(bindir, "tailscale")), 0o755),
+        (top + "/systemd/", None, 0o755),
+    ]
+    for name in ["tailscaled.service", "tailscaled.defaults", "tailscale-online.target",
+                 "tailscale-wait-online.service"]:
+        entries.append((top + "/systemd/" + name, read(os.path.join(unit_dir, name)), 0o644))
+    return entries
+
+
+def tailscale_tgz(entries, level=9):
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data, mode in entries:
@@ -71,18 +97,24 @@ def tailscale_tgz():
                 ti.size = len(data)
                 tar.addfile(ti, io.BytesIO(data))
     out = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=level) as gz:
         gz.write(raw.getvalue())
     return out.getvalue()
 
 
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: make-mirror.py OUTDIR")
-    out = sys.argv[1]
+    args = sys.argv[1:]
+    entries = None
+    if args[:1] == ["--real-tailscale"] and len(args) == 4:
+        entries = real_entries(args[1], args[2])
+        args = args[3:]
+    if len(args) != 1 or args[0].startswith("-"):
+        sys.exit("usage: make-mirror.py [--real-tailscale BINDIR MODDIR] OUTDIR")
+    out = args[0]
     k3s = read(os.path.join(HERE, "k3s"))
     sums = ("%s  k3s\n" % sha(k3s)).encode()
-    tgz = tailscale_tgz()
+    # The real binaries are ~76 MB: level 6 costs half of 9's CPU for the same size within 1%.
+    tgz = tailscale_tgz(entries, 6) if entries is not None else tailscale_tgz(standin_entries())
     install = read(os.path.join(REPO, "tests/upstream/argo-cd-%s/install.yaml" % ARGOCD_TAG))
     files = {
         "k3s": ("k3s/%s/k3s" % K3S_TAG, k3s, 0o755),

@@ -220,6 +220,10 @@ pub struct Tailscale {
     /// Tailscale API use before joining (rebuilds): absent = never call the API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<TailscaleApi>,
+    /// Self-hosted control server (Headscale) for `tailscale up --login-server`; absent =
+    /// Tailscale's own coordination server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_server: Option<Url>,
 }
 
 /// What the tailscale step does through the Tailscale API, with the operator's OAuth client

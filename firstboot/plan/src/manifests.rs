@@ -204,6 +204,10 @@ pub struct HelmValuesSecret {
 pub struct TailscaleOperatorValues {
     pub ingress_class: IngressClassValues,
     pub operator_config: OperatorConfigValues,
+    /// The node's `tailscale.login-server` (the chart's `OPERATOR_LOGIN_SERVER`), so the
+    /// operator and its proxies join the same control server as the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_server: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,6 +233,11 @@ pub fn tailscale_operator_values(plan: &Plan) -> TailscaleOperatorValues {
         operator_config: OperatorConfigValues {
             hostname: op.hostname.clone(),
         },
+        login_server: plan
+            .tailscale
+            .login_server
+            .as_ref()
+            .map(|u| u.as_str().trim_end_matches('/').to_string()),
     }
 }
 

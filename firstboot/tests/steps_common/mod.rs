@@ -116,6 +116,7 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
                 chart_archive: None,
             },
             api: None,
+            login_server: None,
         },
         argocd: ArgoCd {
             version: "v3.4.7".parse().unwrap(),
