@@ -8,6 +8,7 @@ pub mod bake;
 pub mod bench;
 pub mod cli;
 pub mod cmd_qemu;
+pub mod daemon_build;
 pub mod diag;
 pub mod elf;
 pub mod pipeline;
