@@ -36,7 +36,7 @@ pub const FINISH_TEMPLATE: &str = include_str!("../templates/bake-finish.sh.tera
 const BAKE_PATH: &str = "/run/kiln-bake/bake.sh";
 const FINISH_PATH: &str = "/run/kiln-bake/finish.sh";
 /// The bundle's name on the bake seed (next to user-data and meta-data).
-const SEED_BUNDLE: &str = "bundle.tar.gz";
+use crate::render::SEED_BUNDLE;
 const MIB: u64 = 1 << 20;
 
 #[derive(Debug, clap::Args)]

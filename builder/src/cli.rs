@@ -188,8 +188,8 @@ pub fn describe(r: &Resolved) -> String {
         Delivery::Url { base } => line(format!(
             "  - bootstrap: download {base}bundle-<sha256>.tar.gz, verify its sha256 with sha256sum, unpack, install and start kiln-firstboot"
         )),
-        Delivery::Inline => line(
-            "  - bootstrap: verify the inline bundle's sha256 with sha256sum, unpack, install and start kiln-firstboot".into(),
+        Delivery::Seed => line(
+            "  - bootstrap: copy bundle.tar.gz from the CIDATA seed volume (read-only), verify its sha256 with sha256sum, unpack, install and start kiln-firstboot".into(),
         ),
     }
     line(format!(

@@ -167,7 +167,7 @@ fn boot_seed(vm: &VmArgs) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Builds the seed with this same binary's `kiln build` (inline delivery comes from the profile).
+/// Builds the seed with this same binary's `kiln build` (seed delivery comes from the profile).
 fn build_seed(vm: &VmArgs) -> Result<PathBuf> {
     if let Some(seed) = &vm.seed {
         return Ok(seed.clone());

@@ -4,7 +4,6 @@
 use crate::resolve::{Delivery, Resolved};
 use crate::{seed, validate};
 use anyhow::{Context, Result};
-use base64::Engine;
 use flate2::{Compression, GzBuilder};
 use kiln_plan::{manifests, paths, BundledManifest, Plan, Sha256};
 use serde::Serialize;
@@ -23,6 +22,10 @@ pub const CUSTOM_DATA: &str = "custom_data.gz";
 pub const META_DATA: &str = "meta-data";
 pub const SEED: &str = "seed.img";
 pub const BUNDLE: &str = "bundle.tar.gz";
+/// The bundle's file name on a `CIDATA` seed volume (seed delivery, and the bake seed).
+pub const SEED_BUNDLE: &str = "bundle.tar.gz";
+/// The label NoCloud seeds carry (cloud-init also accepts lower case).
+pub const SEED_LABEL: &str = "CIDATA";
 pub const BUILD_JSON: &str = "build.json";
 
 /// Build-time inputs besides the resolved profile.
@@ -239,7 +242,7 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
                 })
                 .context("bundle URL")?,
         ),
-        Delivery::Inline => None,
+        Delivery::Seed => None,
     };
 
     let mut ctx = tera::Context::new();
@@ -262,6 +265,8 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
     ctx.insert("bootstrap_done", paths::BOOTSTRAP_DONE);
     ctx.insert("instance_id_path", paths::CLOUD_INSTANCE_ID);
     ctx.insert("cloud_sem_dir", paths::CLOUD_SEM_DIR);
+    ctx.insert("seed_bundle", SEED_BUNDLE);
+    ctx.insert("seed_label", SEED_LABEL);
     let bootstrap = tera(BOOTSTRAP_TEMPLATE, &ctx)?;
 
     let c = &resolved.cloud;
@@ -287,11 +292,6 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
     ctx.insert("secrets", &secrets);
     ctx.insert("bootstrap_path", BOOTSTRAP_PATH);
     ctx.insert("bootstrap", &indent(&bootstrap, 6));
-    let bundle_b64 = match resolved.delivery {
-        Delivery::Inline => base64::engine::general_purpose::STANDARD.encode(&bundle),
-        Delivery::Url { .. } => String::new(),
-    };
-    ctx.insert("bundle_b64", &bundle_b64);
     let user_data = tera(USER_DATA_TEMPLATE, &ctx)?;
     drop(ctx); // holds secret values
 
@@ -307,7 +307,19 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
     mctx.insert("instance_id", &instance_id);
     mctx.insert("hostname", &c.hostname);
     let meta_data = tera(META_DATA_TEMPLATE, &mctx)?;
-    let seed = seed::build(user_data.as_bytes(), meta_data.as_bytes(), inputs.epoch)?;
+    let seed = match resolved.delivery {
+        Delivery::Seed => seed::build_files(
+            &[
+                (META_DATA, meta_data.as_bytes()),
+                (USER_DATA, user_data.as_bytes()),
+                (SEED_BUNDLE, &bundle),
+            ],
+            inputs.epoch,
+        )?,
+        Delivery::Url { .. } => {
+            seed::build(user_data.as_bytes(), meta_data.as_bytes(), inputs.epoch)?
+        }
+    };
 
     let mut warnings = resolved.warnings.clone();
     if matches!(resolved.delivery, Delivery::Url { .. })

@@ -47,17 +47,16 @@ pub struct CloudSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     /// The bundle is fetched from `<base>bundle-<sha256>.tar.gz`.
-    Url {
-        base: Url,
-    },
-    Inline,
+    Url { base: Url },
+    /// The bundle is a file on the NoCloud `CIDATA` seed volume (`seed.img`).
+    Seed,
 }
 
 impl Delivery {
     pub fn name(&self) -> &'static str {
         match self {
             Delivery::Url { .. } => "url",
-            Delivery::Inline => "inline",
+            Delivery::Seed => "seed",
         }
     }
 }
@@ -157,25 +156,14 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     let mut secrets = Vec::new();
     let role = match &p.node.role {
         RoleSpec::Server => Role::Server,
-        RoleSpec::Agent(a) => {
-            if a.server_url.scheme() != "https" {
-                return Err(s.error(
-                    &key_path(&["node", "role", "agent", "server-url"]),
-                    false,
-                    "the K3s server URL must be https:// (e.g. https://server:6443)",
-                ));
-            }
-            secrets.push(read_secret(
-                s,
-                env,
-                &["node", "role", "agent", "token"],
-                &a.token,
-                K3S_TOKEN_FILE,
-            )?);
-            Role::Agent {
-                server_url: a.server_url.clone(),
-                token_file: K3S_TOKEN_FILE.into(),
-            }
+        // An agent profile used to be accepted, and the daemon, which has no agent path yet,
+        // then booted a second server: refused until kiln-firstboot implements the agent role.
+        RoleSpec::Agent(_) => {
+            return Err(s.error(
+                &key_path(&["node", "role", "agent"]),
+                true,
+                "K3s agent nodes are not supported yet: kiln-firstboot would install a second server; build servers only (`role: server`)",
+            ))
         }
     };
 
@@ -190,6 +178,13 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
     };
     let delivery = match a.delivery {
         DeliverySpec::Inline => {
+            return Err(s.error(
+                &key_path(&["artifacts", "delivery"]),
+                false,
+                "`delivery: inline` was removed: use `delivery: seed` (the bundle travels as a file on the NoCloud CIDATA seed; see docs/profile.md)",
+            ))
+        }
+        DeliverySpec::Seed => {
             if a.bundle_base_url.is_some() {
                 return Err(s.error(
                     &key_path(&["artifacts", "bundle-base-url"]),
@@ -197,7 +192,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
                     "bundle-base-url is only used with `delivery: url`",
                 ));
             }
-            Delivery::Inline
+            Delivery::Seed
         }
         DeliverySpec::Url => match &a.bundle_base_url {
             Some(u) => {

@@ -136,23 +136,40 @@ pub fn build_files(files: &[(&str, &[u8])], epoch: u64) -> Result<Vec<u8>> {
 
 /// The `user-data` and `meta-data` of a seed volume.
 pub fn read(img: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+    Ok((read_file(img, "user-data")?, read_file(img, "meta-data")?))
+}
+
+/// One file from the root directory of a seed volume.
+pub fn read_file(img: &[u8], name: &str) -> Result<Vec<u8>> {
     use std::io::Read;
     let fs =
         FileSystem::new(Cursor::new(img.to_vec()), FsOptions::new()).context("reading the seed")?;
-    let root = fs.root_dir();
-    let get = |name: &str| -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        root.open_file(name)
-            .with_context(|| format!("the seed has no {name}"))?
-            .read_to_end(&mut out)
-            .with_context(|| format!("reading {name} from the seed"))?;
-        Ok(out)
-    };
-    Ok((get("user-data")?, get("meta-data")?))
+    let mut out = Vec::new();
+    fs.root_dir()
+        .open_file(name)
+        .with_context(|| format!("the seed has no {name}"))?
+        .read_to_end(&mut out)
+        .with_context(|| format!("reading {name} from the seed"))?;
+    Ok(out)
 }
 
-/// A copy of the seed `img` whose meta-data carries instance id `id`; user-data keeps its exact
-/// bytes (a rebuilt VM: same payload, new instance).
+/// The names of the files in the root directory of a seed volume, in directory order.
+pub fn list(img: &[u8]) -> Result<Vec<String>> {
+    let fs =
+        FileSystem::new(Cursor::new(img.to_vec()), FsOptions::new()).context("reading the seed")?;
+    let mut names = Vec::new();
+    for e in fs.root_dir().iter() {
+        let e = e.context("reading the seed's root directory")?;
+        if e.is_file() {
+            names.push(e.file_name());
+        }
+    }
+    Ok(names)
+}
+
+/// A copy of the seed `img` whose meta-data carries instance id `id`; user-data and every other
+/// file (a seed-delivered bundle) keep their exact bytes (a rebuilt VM: same payload, new
+/// instance).
 pub fn with_instance_id(img: &[u8], id: &str, epoch: u64) -> Result<Vec<u8>> {
     if id.is_empty()
         || !id
@@ -161,7 +178,7 @@ pub fn with_instance_id(img: &[u8], id: &str, epoch: u64) -> Result<Vec<u8>> {
     {
         bail!("instance id {id:?}: use letters, digits, '-', '_' and '.' only");
     }
-    let (user_data, meta_data) = read(img)?;
+    let meta_data = read_file(img, "meta-data")?;
     let text = String::from_utf8(meta_data).context("meta-data is not UTF-8")?;
     let mut found = false;
     let lines: Vec<String> = text
@@ -182,7 +199,20 @@ pub fn with_instance_id(img: &[u8], id: &str, epoch: u64) -> Result<Vec<u8>> {
     if text.ends_with('\n') {
         meta.push('\n');
     }
-    build(&user_data, meta.as_bytes(), epoch)
+    let mut files = Vec::new();
+    for name in list(img)? {
+        let data = if name == "meta-data" {
+            meta.clone().into_bytes()
+        } else {
+            read_file(img, &name)?
+        };
+        files.push((name, data));
+    }
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    build_files(&refs, epoch)
 }
 
 #[cfg(test)]
@@ -234,6 +264,21 @@ mod tests {
         assert_eq!(m, b"instance-id: rebuild-2\nlocal-hostname: n\n");
         assert_eq!(read(&img).unwrap().0, u);
         assert!(with_instance_id(&img, "bad id", 0).is_err());
+        let with_bundle = build_files(
+            &[
+                ("meta-data", b"instance-id: a\n"),
+                ("user-data", user_data),
+                ("bundle.tar.gz", b"bundle bytes"),
+            ],
+            0,
+        )
+        .unwrap();
+        let again = with_instance_id(&with_bundle, "rebuild-3", 0).unwrap();
+        assert_eq!(read_file(&again, "bundle.tar.gz").unwrap(), b"bundle bytes");
+        assert_eq!(
+            read_file(&again, "meta-data").unwrap(),
+            b"instance-id: rebuild-3\n"
+        );
         let no_id = build(user_data, b"local-hostname: n\n", 0).unwrap();
         assert!(with_instance_id(&no_id, "x", 0).is_err());
     }

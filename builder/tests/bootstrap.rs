@@ -1,6 +1,8 @@
 //! The POSIX bootstrap, run for real with /bin/sh against a scratch root: node paths are
-//! rewritten under a temp dir and `systemctl` is a recording stand-in first on PATH.
-//! (In the VM the same script runs unmodified; see the QEMU end-to-end test.)
+//! rewritten under a temp dir and `systemctl` is a recording stand-in first on PATH, as are
+//! `blkid`/`mount`/`umount` for seed delivery (they "mount" the files of the rendered seed.img,
+//! read back with kiln's own FAT reader). In the VM the same script runs unmodified against the
+//! real CIDATA volume; see the QEMU end-to-end test.
 
 mod common;
 
@@ -51,6 +53,20 @@ impl Node {
         )
         .unwrap();
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Seed volume stand-ins: blkid finds one CIDATA device, mount copies the seed's files.
+        let seed = tmp.path().join("seed-files");
+        for (name, body) in [
+            ("blkid", "#!/bin/sh\n[ -d {seed} ] || exit 2\necho /dev/fake-cidata\n".to_string()),
+            (
+                "mount",
+                "#!/bin/sh\n[ \"$1 $2 $3\" = \"-o ro /dev/fake-cidata\" ] || exit 32\ncp {seed}/* \"$4\"/\n".to_string(),
+            ),
+            ("umount", "#!/bin/sh\nrm -f \"$1\"/*\n".to_string()),
+        ] {
+            let f = bin.join(name);
+            std::fs::write(&f, body.replace("{seed}", &seed.display().to_string())).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         Node {
             _tmp: tmp,
             root,
@@ -81,6 +97,20 @@ impl Node {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, data).unwrap();
         }
+    }
+
+    /// Attaches the rendered seed.img: its files become what the `mount` stand-in serves.
+    fn attach_seed(&self, r: &Rendered) {
+        let img = r.file("seed.img");
+        let dir = self.bin.parent().unwrap().join("seed-files");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in kiln::seed::list(img).unwrap() {
+            std::fs::write(dir.join(&name), kiln::seed::read_file(img, &name).unwrap()).unwrap();
+        }
+    }
+
+    fn seed_file(&self, name: &str) -> PathBuf {
+        self.bin.parent().unwrap().join("seed-files").join(name)
     }
 
     fn run(&self, r: &Rendered) -> Output {
@@ -142,10 +172,11 @@ fn bootstrap_scripts_are_valid_posix_sh() {
 }
 
 #[test]
-fn inline_bootstrap_verifies_unpacks_installs_and_starts_without_blocking() {
+fn seed_bootstrap_copies_the_bundle_from_the_seed_volume_verifies_installs_and_starts() {
     let r = render(&common::repo().join("profiles/qemu-local.yaml"));
     let node = Node::new();
     node.write_files(&r);
+    node.attach_seed(&r);
     let o = node.run(&r);
     assert!(o.status.success(), "{}", stderr(&o));
     let daemon = node.path(kiln_plan::paths::DAEMON_BIN);
@@ -169,18 +200,24 @@ fn inline_bootstrap_verifies_unpacks_installs_and_starts_without_blocking() {
     let secrets = std::fs::metadata(node.path(kiln_plan::paths::SECRETS_DIR)).unwrap();
     assert_eq!(secrets.permissions().mode() & 0o777, 0o700);
     assert!(stderr(&o).contains(&format!("bundle verified: sha256 {}", r.bundle_sha256)));
+    assert!(stderr(&o).contains("from the seed volume /dev/fake-cidata"));
+    assert_eq!(
+        std::fs::read(node.path(kiln_plan::paths::BUNDLE_TARBALL)).unwrap(),
+        r.file("bundle.tar.gz")
+    );
 }
 
 #[test]
-fn a_tampered_inline_bundle_is_refused_before_anything_is_installed() {
+fn a_tampered_seed_bundle_is_refused_before_anything_is_installed() {
     let r = render(&common::repo().join("profiles/qemu-local.yaml"));
     let node = Node::new();
     node.write_files(&r);
-    let tarball = node.path(kiln_plan::paths::BUNDLE_TARBALL);
-    let mut data = std::fs::read(&tarball).unwrap();
+    node.attach_seed(&r);
+    let on_seed = node.seed_file("bundle.tar.gz");
+    let mut data = std::fs::read(&on_seed).unwrap();
     let n = data.len();
     data[n / 2] ^= 0x01;
-    std::fs::write(&tarball, data).unwrap();
+    std::fs::write(&on_seed, data).unwrap();
     let o = node.run(&r);
     assert!(!o.status.success());
     assert!(
@@ -189,7 +226,23 @@ fn a_tampered_inline_bundle_is_refused_before_anything_is_installed() {
         stderr(&o)
     );
     assert!(!node.path(kiln_plan::paths::DAEMON_BIN).exists());
+    assert!(!node.path(kiln_plan::paths::BUNDLE_TARBALL).exists());
     assert_eq!(node.systemctl_calls(), "");
+}
+
+#[test]
+fn a_seed_bootstrap_without_a_seed_volume_names_what_is_missing() {
+    let r = render(&common::repo().join("profiles/qemu-local.yaml"));
+    let node = Node::new();
+    node.write_files(&r);
+    let o = node.run(&r);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no CIDATA seed volume found"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!node.path(kiln_plan::paths::DAEMON_BIN).exists());
 }
 
 #[test]
@@ -197,6 +250,7 @@ fn a_plan_that_differs_from_the_bundle_is_refused() {
     let r = render(&common::repo().join("profiles/qemu-local.yaml"));
     let node = Node::new();
     node.write_files(&r);
+    node.attach_seed(&r);
     let plan = node.path(kiln_plan::paths::PLAN);
     let text = std::fs::read_to_string(&plan)
         .unwrap()
@@ -334,6 +388,7 @@ fn an_interrupted_first_boot_reruns_write_files_and_the_bootstrap_until_it_is_do
 
     // The rerun bootstrap finishes and records the instance: later boots change nothing.
     node.write_files(&r);
+    node.attach_seed(&r);
     let o = node.run(&r);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(

@@ -3,7 +3,6 @@
 
 mod common;
 
-use base64::Engine;
 use kiln::pipeline;
 use kiln::render::Rendered;
 use std::collections::BTreeMap;
@@ -167,20 +166,30 @@ fn build_json_lists_every_output_with_size_and_sha256_and_redacts_secrets() {
 }
 
 #[test]
-fn qemu_local_builds_an_inline_seed_with_the_bundle_inside() {
+fn qemu_local_builds_a_seed_that_carries_the_bundle_beside_the_cloud_config() {
     let r = render("qemu-local.yaml", 0);
     assert!(r.bundle_url.is_none());
     let ud: serde_yaml::Value = serde_yaml::from_str(&text(&r, "user-data")).unwrap();
     let files = ud["write_files"].as_sequence().unwrap();
-    let b = files
-        .iter()
-        .find(|f| f["path"] == "/var/lib/kiln/bundle.tar.gz")
-        .expect("inline bundle");
-    assert_eq!(b["encoding"], "b64");
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(b["content"].as_str().unwrap())
-        .unwrap();
-    assert_eq!(decoded, r.file("bundle.tar.gz"));
+    assert!(
+        !files
+            .iter()
+            .any(|f| f["path"] == "/var/lib/kiln/bundle.tar.gz"),
+        "the bundle is not in user-data"
+    );
+    assert!(
+        r.file("user-data").len() < 64 * 1024,
+        "user-data stays small"
+    );
+    let seed = r.file("seed.img");
+    assert_eq!(
+        kiln::seed::read_file(seed, "bundle.tar.gz").unwrap(),
+        r.file("bundle.tar.gz")
+    );
+    assert_eq!(
+        kiln::seed::read_file(seed, "user-data").unwrap(),
+        r.file("user-data")
+    );
     // The mirror layout of the brief, with the stand-ins' pins from tests/standins/pins.json.
     let pins: serde_json::Value = serde_json::from_slice(
         &std::fs::read(common::repo().join("tests/standins/pins.json")).unwrap(),
@@ -247,7 +256,12 @@ fn seed_img_is_a_fat12_cidata_volume_holding_user_data_and_meta_data() {
         assert_eq!(fs.volume_label(), "CIDATA");
         assert_eq!(fs.fat_type(), fatfs::FatType::Fat12);
         let seed = r.file("seed.img");
-        let hash = kiln_plan::Sha256::digest(&[r.file("user-data"), r.file("meta-data")].concat());
+        // The volume id hashes the files in reverse order; seed delivery adds the bundle.
+        let mut parts = vec![r.file("user-data"), r.file("meta-data")];
+        if r.bundle_url.is_none() {
+            parts.insert(0, r.file("bundle.tar.gz"));
+        }
+        let hash = kiln_plan::Sha256::digest(&parts.concat());
         assert_eq!(
             fs.volume_id(),
             u32::from_le_bytes(hash.as_bytes()[..4].try_into().unwrap())

@@ -157,36 +157,25 @@ fn secrets_come_from_the_environment_or_files_relative_to_the_profile_that_names
 }
 
 #[test]
-fn repo_credentials_and_the_agent_role_resolve_to_secret_file_paths() {
+fn repo_credentials_resolve_to_a_secret_file_path() {
     let tmp = tempfile::tempdir().unwrap();
-    write(tmp.path(), "token", "K10abc::server:def\n");
     write(tmp.path(), "git-token", "ghp_FAKE\n");
     let top = write(
         tmp.path(),
-        "agent.yaml",
+        "creds.yaml",
         &format!(
-            "extends: {}\nnode:\n  role:\n    agent:\n      server-url: https://server.example:6443\n      token: {{file: token}}\nargocd:\n  gitops:\n    credentials:\n      username: kiln\n      password: {{file: git-token}}\n",
+            "extends: {}\nargocd:\n  gitops:\n    credentials:\n      username: kiln\n      password: {{file: git-token}}\n",
             base()
         ),
     );
     let r = resolve(&top, &common::no_env);
-    assert_eq!(
-        r.plan.node.role,
-        Role::Agent {
-            server_url: "https://server.example:6443".parse().unwrap(),
-            token_file: "/etc/kiln/secrets/k3s-token".into()
-        }
-    );
     let creds = r.plan.gitops.credentials.as_ref().unwrap();
     assert_eq!(
         (creds.username.as_str(), creds.password_file.as_str()),
         ("kiln", "/etc/kiln/secrets/gitops-repo-password")
     );
     let paths: Vec<&str> = r.secrets.iter().map(|s| s.node_path).collect();
-    assert!(
-        paths.contains(&"/etc/kiln/secrets/k3s-token")
-            && paths.contains(&"/etc/kiln/secrets/gitops-repo-password")
-    );
+    assert!(paths.contains(&"/etc/kiln/secrets/gitops-repo-password"));
 }
 
 #[test]

@@ -263,6 +263,10 @@ fn sigkill_at_every_step_boundary_and_mid_download_converges_to_the_uninterrupte
     assert_no_unverified_final_files(&node.root, &pins);
     eprintln!("crash injection: {points} points tried, {points} converged");
     assert_eq!(points, 13);
+    kiln_qemu::testkit::record_reliability(
+        "crash-host",
+        &serde_json::json!({"points_tried": points, "converged": points}),
+    );
 }
 
 /// Every file under `root` readable by any user, with its content.
@@ -406,6 +410,10 @@ fn secret_canaries_appear_in_no_output_status_journal_or_world_readable_file() {
         }
     }
     eprintln!("secret canaries: {} sources scanned, 0 hits", scanned.len());
+    kiln_qemu::testkit::record_reliability(
+        "canaries-host",
+        &serde_json::json!({"sources_scanned": scanned.len(), "hits": hits.len()}),
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@ use kiln_firstboot::engine::{is_transient, Backoff};
 use kiln_firstboot::fs::Root;
 use kiln_plan::{Artifact, Artifacts, Sha256, Url};
 use kiln_qemu::mirror::{Fault, Mirror};
+use kiln_qemu::testkit::PassedCase;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,7 @@ fn assert_nothing_final(s: &Setup) {
 
 #[test]
 fn five_hundreds_then_success_ends_verified() {
+    let _case = PassedCase::new("mirror-faults", "five_hundreds_then_success_ends_verified");
     let s = setup();
     s.mirror.fault(
         PATH,
@@ -103,6 +105,10 @@ fn five_hundreds_then_success_ends_verified() {
 
 #[test]
 fn persistent_503_gives_up_at_the_deadline_as_transient() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "persistent_503_gives_up_at_the_deadline_as_transient",
+    );
     let s = setup();
     s.mirror.fault_always(PATH, Fault::Status(503));
     let f = fetcher(&s, online());
@@ -116,6 +122,10 @@ fn persistent_503_gives_up_at_the_deadline_as_transient() {
 
 #[test]
 fn hang_is_cut_by_the_read_timeout_and_the_deadline() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "hang_is_cut_by_the_read_timeout_and_the_deadline",
+    );
     let s = setup();
     s.mirror.fault_always(PATH, Fault::Hang);
     let f = fetcher(&s, online());
@@ -129,6 +139,10 @@ fn hang_is_cut_by_the_read_timeout_and_the_deadline() {
 
 #[test]
 fn hang_mid_body_resumes_with_range_from_the_bytes_received() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "hang_mid_body_resumes_with_range_from_the_bytes_received",
+    );
     let s = setup();
     s.mirror.fault(PATH, [Fault::HangAfter(100 * 1024)]);
     let got = fetcher(&s, online()).fetch(&s.artifact).unwrap();
@@ -141,6 +155,7 @@ fn hang_mid_body_resumes_with_range_from_the_bytes_received() {
 
 #[test]
 fn truncated_body_is_resumed_and_verified() {
+    let _case = PassedCase::new("mirror-faults", "truncated_body_is_resumed_and_verified");
     let s = setup();
     s.mirror.fault(PATH, [Fault::Truncate(123_456)]);
     let got = fetcher(&s, online()).fetch(&s.artifact).unwrap();
@@ -151,6 +166,7 @@ fn truncated_body_is_resumed_and_verified() {
 
 #[test]
 fn server_ignoring_range_restarts_from_zero() {
+    let _case = PassedCase::new("mirror-faults", "server_ignoring_range_restarts_from_zero");
     let s = setup();
     s.mirror
         .fault(PATH, [Fault::Truncate(50_000), Fault::IgnoreRange]);
@@ -162,6 +178,10 @@ fn server_ignoring_range_restarts_from_zero() {
 
 #[test]
 fn flipped_byte_is_refused_permanently_and_nothing_is_kept() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "flipped_byte_is_refused_permanently_and_nothing_is_kept",
+    );
     let s = setup();
     s.mirror.fault_always(PATH, Fault::FlipByte(77_777));
     let t0 = Instant::now();
@@ -184,6 +204,10 @@ fn flipped_byte_is_refused_permanently_and_nothing_is_kept() {
 
 #[test]
 fn flipped_byte_once_then_good_content_on_a_later_run() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "flipped_byte_once_then_good_content_on_a_later_run",
+    );
     let s = setup();
     s.mirror.fault(PATH, [Fault::FlipByte(5)]);
     let f = fetcher(&s, online());
@@ -195,6 +219,10 @@ fn flipped_byte_once_then_good_content_on_a_later_run() {
 
 #[test]
 fn content_length_too_large_resumes_then_verifies() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "content_length_too_large_resumes_then_verifies",
+    );
     let s = setup();
     s.mirror
         .fault(PATH, [Fault::WrongLength(s.data.len() as u64 + 1000)]);
@@ -204,6 +232,7 @@ fn content_length_too_large_resumes_then_verifies() {
 
 #[test]
 fn content_length_too_small_is_refused() {
+    let _case = PassedCase::new("mirror-faults", "content_length_too_small_is_refused");
     let s = setup();
     s.mirror
         .fault_always(PATH, Fault::WrongLength(s.data.len() as u64 - 10));
@@ -220,6 +249,7 @@ fn content_length_too_small_is_refused() {
 
 #[test]
 fn not_found_fails_at_once_naming_the_url() {
+    let _case = PassedCase::new("mirror-faults", "not_found_fails_at_once_naming_the_url");
     let s = setup();
     s.mirror.fault_always(PATH, Fault::NotFound);
     let t0 = Instant::now();
@@ -234,6 +264,10 @@ fn not_found_fails_at_once_naming_the_url() {
 
 #[test]
 fn cache_hit_is_rehashed_and_a_corrupt_cache_file_is_replaced() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "cache_hit_is_rehashed_and_a_corrupt_cache_file_is_replaced",
+    );
     let s = setup();
     let f = fetcher(&s, online());
     let p = f.fetch(&s.artifact).unwrap();
@@ -248,6 +282,10 @@ fn cache_hit_is_rehashed_and_a_corrupt_cache_file_is_replaced() {
 
 #[test]
 fn air_gap_uses_the_local_dir_and_never_the_network() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "air_gap_uses_the_local_dir_and_never_the_network",
+    );
     let s = setup();
     let local = s.root.path("/opt/kiln-artifacts");
     std::fs::create_dir_all(&local).unwrap();
@@ -275,6 +313,10 @@ fn air_gap_uses_the_local_dir_and_never_the_network() {
 
 #[test]
 fn install_writes_once_and_then_leaves_the_file_alone() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "install_writes_once_and_then_leaves_the_file_alone",
+    );
     let s = setup();
     let f = fetcher(&s, online());
     assert!(f.install(&s.artifact, "/usr/local/bin/k3s", 0o755).unwrap());
@@ -289,6 +331,7 @@ fn install_writes_once_and_then_leaves_the_file_alone() {
 
 #[test]
 fn fetch_text_reads_small_unpinned_files() {
+    let _case = PassedCase::new("mirror-faults", "fetch_text_reads_small_unpinned_files");
     let s = setup();
     let sums = format!("{}  k3s\n", s.artifact.sha256);
     std::fs::write(
@@ -307,6 +350,7 @@ fn fetch_text_reads_small_unpinned_files() {
 
 #[test]
 fn urls_in_errors_never_show_query_strings() {
+    let _case = PassedCase::new("mirror-faults", "urls_in_errors_never_show_query_strings");
     let s = setup();
     let mut a = s.artifact.clone();
     a.url.set_query(Some("sig=SECRETSAS"));

@@ -322,4 +322,8 @@ fn every_tampered_bundle_or_plan_is_refused_before_any_step_runs() {
         "tampered node cases: {refused} refused / {} tried",
         all.len()
     );
+    kiln_qemu::testkit::record_reliability(
+        "tamper",
+        &serde_json::json!({"tried": all.len(), "refused": refused}),
+    );
 }

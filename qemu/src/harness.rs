@@ -14,6 +14,10 @@ use crate::inspect::{GuestDisk, GuestStat};
 use crate::serial::{Event, Follower, Timeline};
 use crate::vm::{create_overlay, GuestFwd, Vm, VmConfig};
 
+fn follower_time(e: Option<&crate::serial::TimedEvent>) -> String {
+    e.map_or_else(|| "-".into(), |e| format!("{:.1} s", e.at))
+}
+
 /// What the harness needs from the loopback artifact mirror.
 pub trait MirrorLog {
     fn port(&self) -> u16;
@@ -219,6 +223,17 @@ impl Session {
             }
             Err(e) => return Err(e.context(format!("reading the guest disk after boot {n}"))),
         };
+        // Every VM test's log shows each boot's cost (CI's timing table lists the files).
+        eprintln!(
+            "kiln qemu: boot {n}: wall {seconds:.1} s; power-on -> daemon done {}; -> cloud-init finished {}",
+            follower_time(follower.events.iter().find(|e| matches!(e.event, Event::AllDone))),
+            follower_time(
+                follower
+                    .events
+                    .iter()
+                    .find(|e| matches!(e.event, Event::CloudInitFinished))
+            ),
+        );
         let report = BootReport {
             boot: n,
             outcome,

@@ -196,3 +196,43 @@ pub fn journal_view(root: &Path) -> Vec<(String, bool, serde_json::Value)> {
         })
         .collect()
 }
+
+/// Records a test's counts as `<target>/reliability/<name>.json` (written atomically), the one
+/// source `tests/reliability/summary.sh` builds its table from: the summary never reruns a test.
+pub fn record_reliability(name: &str, doc: &serde_json::Value) {
+    let path = target_dir()
+        .join("reliability")
+        .join(format!("{name}.json"));
+    let dir = path.parent().expect("a reliability record has a directory");
+    std::fs::create_dir_all(dir).expect("creating <target>/reliability");
+    let tmp = path.with_extension("json.partial");
+    let mut body = serde_json::to_vec_pretty(doc).expect("json");
+    body.push(b'\n');
+    std::fs::write(&tmp, body).expect("writing a reliability record");
+    std::fs::rename(&tmp, &path).expect("renaming a reliability record");
+}
+
+/// One passed case of a group of tests (e.g. the mirror fault cases): created at the start of a
+/// test, it records `<target>/reliability/<group>/<case>.json` when dropped unless the test is
+/// panicking, so the summary counts the cases that really passed in this run.
+pub struct PassedCase {
+    group: &'static str,
+    case: &'static str,
+}
+
+impl PassedCase {
+    pub fn new(group: &'static str, case: &'static str) -> PassedCase {
+        PassedCase { group, case }
+    }
+}
+
+impl Drop for PassedCase {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            record_reliability(
+                &format!("{}/{}", self.group, self.case),
+                &serde_json::json!({"group": self.group, "case": self.case, "passed": true}),
+            );
+        }
+    }
+}

@@ -175,8 +175,8 @@ pub fn publish_profile(req: &Request<'_>) -> Result<Published, BuildError> {
     let mut warnings = Vec::new();
     let container_base = req.account.download_container_url(req.container)?;
     match &resolved.delivery {
-        Delivery::Inline => warnings.push(format!(
-            "{}: delivery is inline; kiln publish renders url delivery",
+        Delivery::Seed => warnings.push(format!(
+            "{}: delivery is seed; kiln publish renders url delivery",
             req.profile.display()
         )),
         Delivery::Url { base } if *base != container_base => warnings.push(format!(

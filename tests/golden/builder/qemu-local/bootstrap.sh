@@ -1,5 +1,5 @@
 #!/bin/sh
-# kiln bootstrap (inline delivery): verify the release bundle against its pin, install
+# kiln bootstrap (seed delivery): verify the release bundle against its pin, install
 # kiln-firstboot and its unit, start it. Runs once per instance from cloud-init's runcmd.
 set -eu
 umask 077
@@ -10,8 +10,21 @@ pin=$(cat /etc/kiln/bundle.sha256) || die "no bundle pin at /etc/kiln/bundle.sha
 verify() { printf '%s  %s\n' "$pin" "$1" | sha256sum -c --status -; }
 mkdir -p /var/lib/kiln
 chmod 0700 /etc/kiln/secrets
-[ -f "$tarball" ] || die "inline bundle missing at $tarball"
-verify "$tarball" || die "bundle sha256 mismatch (expected $pin)"
+if [ -f "$tarball" ] && verify "$tarball"; then
+  say "bundle already present and verified"
+else
+  # The NoCloud seed volume, found by its label (cloud-init accepts either case), read-only.
+  dev=$(blkid -l -t LABEL=CIDATA -o device || blkid -l -t LABEL=cidata -o device) \
+    || die "no CIDATA seed volume found (seed delivery carries the bundle on it)"
+  seed=$(mktemp -d /run/kiln-seed.XXXXXX)
+  mount -o ro "$dev" "$seed" || die "cannot mount the seed volume $dev"
+  say "copying bundle.tar.gz from the seed volume $dev"
+  rm -f "$tarball.partial"
+  cp "$seed/bundle.tar.gz" "$tarball.partial" || { umount "$seed"; die "the seed volume $dev has no bundle.tar.gz"; }
+  umount "$seed" && rmdir "$seed"
+  verify "$tarball.partial" || { rm -f "$tarball.partial"; die "bundle sha256 mismatch (expected $pin)"; }
+  mv -f "$tarball.partial" "$tarball"
+fi
 say "bundle verified: sha256 $pin"
 tmp=$(mktemp -d /var/lib/kiln/.bundle.XXXXXX)
 tar -xzf "$tarball" -C "$tmp" --no-same-owner || die "cannot unpack $tarball"
