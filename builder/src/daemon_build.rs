@@ -21,6 +21,16 @@ use anyhow::{bail, Context, Result};
 /// The target triple and profile `cargo firstboot-static` builds for.
 pub const STATIC_TRIPLE_DIR: &str = "x86_64-unknown-linux-gnu/release";
 const DAEMON: &str = "kiln-firstboot";
+/// What the static daemon is built from, relative to the workspace.
+const DAEMON_SOURCES: &[&str] = &[
+    "firstboot/src",
+    "firstboot/Cargo.toml",
+    "firstboot/plan/src",
+    "firstboot/plan/Cargo.toml",
+    "Cargo.lock",
+    "Cargo.toml",
+    ".cargo/config.toml",
+];
 
 /// A kiln source checkout with a target directory to build the daemon in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,19 +81,15 @@ impl Checkout {
         self.target_dir.join(STATIC_TRIPLE_DIR).join(DAEMON)
     }
 
-    /// True when `daemon` is missing or older than a source it is built from (the daemon and
-    /// plan crates, the lock file, the cargo config that defines the static build).
+    /// True when `daemon` is missing or older than a source it is built from (the daemon's and
+    /// the plan crate's sources and manifests, the lock file, the workspace manifest with the
+    /// release profile, the cargo config that defines the static build). Tests are not sources.
     pub fn is_stale(&self, daemon: &Path) -> bool {
         let Ok(built) = daemon.metadata().and_then(|m| m.modified()) else {
             return true;
         };
         let mut newest = SystemTime::UNIX_EPOCH;
-        for p in [
-            "firstboot",
-            "Cargo.lock",
-            "Cargo.toml",
-            ".cargo/config.toml",
-        ] {
+        for p in DAEMON_SOURCES {
             newest_mtime(&self.workspace.join(p), &mut newest);
         }
         newest > built
@@ -133,6 +139,14 @@ impl Checkout {
                 path.display()
             );
         }
+        // cargo leaves an up-to-date binary alone when only files that do not reach it changed
+        // (a comment in Cargo.toml, a new builder dependency): mark it checked, so the next run
+        // does not ask cargo again.
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(SystemTime::now()))
+            .with_context(|| format!("marking {} as up to date", path.display()))?;
         eprintln!(
             "kiln: built {} in {:.0}s",
             path.display(),
@@ -274,6 +288,11 @@ mod tests {
         set(&src, now - std::time::Duration::from_secs(60));
         set(&daemon, now);
         assert!(!c.is_stale(&daemon));
+        let test = d.path().join("firstboot/tests/t.rs");
+        fs::create_dir_all(test.parent().unwrap()).unwrap();
+        fs::write(&test, "").unwrap();
+        set(&test, now + std::time::Duration::from_secs(5));
+        assert!(!c.is_stale(&daemon), "a test is not a source of the binary");
         set(&src, now + std::time::Duration::from_secs(5));
         assert!(
             c.is_stale(&daemon),
