@@ -4,8 +4,8 @@
 //! looks for it, installs kiln-firstboot and its unit (not enabled), runs
 //! `kiln-firstboot stage` (every pinned artifact into the verified cache, through the daemon's
 //! one download path), then `cloud-init clean --logs` (and the Azure agent's deprovision when
-//! present), removes the bake VM's identity (machine-id emptied, SSH host keys, dbus id, random
-//! seed: docs/bake.md "Instance-neutral images") and powers off. The disk becomes `DIR/<name>.qcow2` (standalone) and
+//! present), removes the bake VM's identity (machine-id emptied, SSH host keys, dbus id, credential
+//! secret: docs/bake.md "Instance-neutral images") and powers off. The disk becomes `DIR/<name>.qcow2` (standalone) and
 //! `DIR/<name>.vhd` (fixed VHD, 1 MiB-aligned, what Azure accepts), listed with their sizes and
 //! sha256 in `DIR/build.json`.
 

@@ -8,7 +8,7 @@
 //! size is a whole number of MiB plus the 512-byte footer, both with their sha256 in build.json.
 //!
 //! The baked disk is instance-neutral (empty machine-id, no SSH host keys, no dbus machine-id, no
-//! cloud-init instance, no random seed); a second VM booted from the same baked image and payload
+//! cloud-init instance); a second VM booted from the same baked image and payload
 //! ends with a different machine-id and different SSH host keys than the first, and neither boot
 //! was a systemd "first boot" (no preset-all).
 //!
@@ -141,8 +141,8 @@ fn identity_of(run: &Path, raw: &Path) -> Identity {
 }
 
 /// The disk `kiln bake` wrote is instance-neutral: an empty (not missing) machine-id, no dbus
-/// machine-id, no SSH host key, no cloud-init instance, no systemd random seed, no journal of
-/// the bake VM.
+/// machine-id, no SSH host key, no cloud-init instance, no systemd credential secret, no journal
+/// of the bake VM.
 fn assert_instance_neutral(disk: &kiln_qemu::inspect::GuestDisk) {
     let mid = disk
         .stat("/etc/machine-id")
@@ -169,11 +169,7 @@ fn assert_instance_neutral(disk: &kiln_qemu::inspect::GuestDisk) {
         instances.is_empty(),
         "cloud-init instances left: {instances:?}"
     );
-    for gone in [
-        "/var/lib/systemd/random-seed",
-        "/var/lib/systemd/credential.secret",
-        "/var/lib/waagent",
-    ] {
+    for gone in ["/var/lib/systemd/credential.secret", "/var/lib/waagent"] {
         assert!(
             disk.stat(gone).unwrap().is_none(),
             "{gone} left in the image"
