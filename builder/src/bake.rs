@@ -4,7 +4,8 @@
 //! looks for it, installs kiln-firstboot and its unit (not enabled), runs
 //! `kiln-firstboot stage` (every pinned artifact into the verified cache, through the daemon's
 //! one download path), then `cloud-init clean --logs` (and the Azure agent's deprovision when
-//! present) and powers off. The disk becomes `DIR/<name>.qcow2` (standalone) and
+//! present), removes the bake VM's identity (machine-id emptied, SSH host keys, dbus id, credential
+//! secret: docs/bake.md "Instance-neutral images") and powers off. The disk becomes `DIR/<name>.qcow2` (standalone) and
 //! `DIR/<name>.vhd` (fixed VHD, 1 MiB-aligned, what Azure accepts), listed with their sizes and
 //! sha256 in `DIR/build.json`.
 
@@ -421,6 +422,7 @@ pub fn boot_to_poweroff(
     let mut last = String::from("starting QEMU");
     let mut ok = false;
     let mut cleaned = false;
+    let mut neutral = false;
     let mut staged: Vec<StagedLine> = Vec::new();
     let fail = |vm: &mut Vm, why: String| -> anyhow::Error {
         let _ = vm.kill();
@@ -457,6 +459,9 @@ pub fn boot_to_poweroff(
                 if msg.starts_with("cloud-init clean --logs done") {
                     cleaned = true;
                 }
+                if msg.starts_with("instance identity removed") {
+                    neutral = true;
+                }
             }
             if let Some(s) = parse_staged(l) {
                 spinner.suspend(|| {
@@ -477,10 +482,16 @@ pub fn boot_to_poweroff(
         if let Some(status) = vm.try_wait()? {
             spinner.finish_and_clear();
             let seconds = vm.started.elapsed().as_secs_f64();
-            if !ok || !cleaned {
+            if !ok || !cleaned || !neutral {
                 bail!(
                     "stage boot: QEMU exited ({status}) before the bake finished ({}): {}\n  serial log {} (last lines):\n{}",
-                    if ok { "cloud-init was not cleaned" } else { "no OK from the bake script" },
+                    if !ok {
+                        "no OK from the bake script"
+                    } else if !cleaned {
+                        "cloud-init was not cleaned"
+                    } else {
+                        "the instance identity was not removed"
+                    },
                     vm.qemu_stderr().trim(),
                     serial_log.display(),
                     tail(&serial_log, 25)
@@ -728,6 +739,19 @@ mod tests {
         let finish = files[1]["content"].as_str().unwrap();
         assert!(finish.contains("cloud-init clean --logs"));
         assert!(finish.contains("waagent -deprovision+user -force"));
+        // Instance-neutral: machine-id truncated (never deleted), host keys and dbus id gone.
+        assert!(finish.contains(": >/etc/machine-id"));
+        assert!(!finish.contains("rm -f /etc/machine-id"));
+        let commands: Vec<&str> = finish
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect();
+        assert!(
+            !commands.iter().any(|l| l.contains("--machine-id")),
+            "cloud-init 22.4's clean --machine-id deletes the file"
+        );
+        assert!(finish.contains("/etc/ssh/ssh_host_*"));
+        assert!(finish.contains("/var/lib/dbus/machine-id"));
         assert!(finish.contains("systemctl poweroff"));
         // Both scripts are valid POSIX sh.
         for s in [script, finish] {

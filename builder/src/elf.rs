@@ -1,7 +1,7 @@
 //! Finding the daemon binary and checking it is a static x86-64 ELF executable: the bundle
 //! runs on a node whose libc kiln does not control, so a dynamically linked daemon is refused.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
 const PT_INTERP: u32 = 3;
@@ -62,34 +62,25 @@ fn u64le(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Where the daemon comes from: `--firstboot PATH`, else `kiln-firstboot` next to the running
-/// `kiln`, else the static build `<exe_dir>/../x86_64-unknown-linux-gnu/release/kiln-firstboot`.
+/// Where the daemon comes from: `--firstboot PATH`, else [`crate::daemon_build::locate`] (next
+/// to `kiln`, the source checkout's static build, built on first use, or the static build
+/// directory beside kiln's own).
 pub fn find_daemon(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
     let exe = std::env::current_exe().context("cannot locate the running kiln executable")?;
     let dir = exe.parent().unwrap_or(Path::new("."));
-    let candidates = [
-        dir.join("kiln-firstboot"),
-        dir.join("../x86_64-unknown-linux-gnu/release/kiln-firstboot"),
-    ];
-    for c in &candidates {
-        if c.is_file() {
-            if let Ok(bytes) = std::fs::read(c) {
-                if check_static(&bytes).is_ok() {
-                    return Ok(c.clone());
-                }
-            }
-        }
-    }
-    // Prefer the static build location in the message: a dynamic one next to kiln is a
-    // plain `cargo build` artifact and not shippable.
-    let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
-    bail!(
-        "no static kiln-firstboot found (tried {}); build it with the static daemon build from the README or pass --firstboot PATH",
-        tried.join(", ")
-    )
+    let checkout = crate::daemon_build::Checkout::of_this_build();
+    crate::daemon_build::locate(dir, checkout.as_ref(), &|c| c.build())
+}
+
+/// A readable static ELF at `p`.
+pub fn is_static_file(p: &Path) -> bool {
+    p.is_file()
+        && std::fs::read(p)
+            .map(|b| check_static(&b).is_ok())
+            .unwrap_or(false)
 }
 
 /// Reads and checks the daemon binary.

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cli;
 pub mod cmd_gitops;
 pub mod cmd_qemu;
+pub mod daemon_build;
 pub mod diag;
 pub mod elf;
 pub mod gitops;

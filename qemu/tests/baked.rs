@@ -7,7 +7,12 @@
 //! reported, not asserted). Also checks the outputs: a standalone qcow2 and a fixed VHD whose
 //! size is a whole number of MiB plus the 512-byte footer, both with their sha256 in build.json.
 //!
-//! Runs only with KILN_VM_TESTS=1 and needs KILN_FIRSTBOOT = the static daemon. Three TCG boots:
+//! The baked disk is instance-neutral (empty machine-id, no SSH host keys, no dbus machine-id, no
+//! cloud-init instance); a second VM booted from the same baked image and payload
+//! ends with a different machine-id and different SSH host keys than the first, and neither boot
+//! was a systemd "first boot" (no preset-all).
+//!
+//! Runs only with KILN_VM_TESTS=1 and needs KILN_FIRSTBOOT = the static daemon. Four TCG boots:
 //! about 10-15 minutes on 2 cores.
 
 use std::path::Path;
@@ -89,6 +94,87 @@ fn journal_states(run: &Path) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// Who a booted VM turned out to be: read from its powered-off disk (the run's overlay).
+struct Identity {
+    machine_id: String,
+    /// `ssh_host_*_key.pub` names and contents.
+    host_keys: Vec<(String, String)>,
+    /// What systemd said early in the boot: the serial console and the guest's journal.
+    boot_log: String,
+}
+
+fn identity_of(run: &Path, raw: &Path) -> Identity {
+    let disk = kiln_qemu::inspect::GuestDisk::from_overlay(&run.join("disk.qcow2"), raw).unwrap();
+    let machine_id = String::from_utf8(disk.read("/etc/machine-id").unwrap().expect("machine-id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut host_keys = Vec::new();
+    for name in disk.list("/etc/ssh").unwrap().expect("/etc/ssh") {
+        if name.starts_with("ssh_host_") && name.ends_with(".pub") {
+            let key = disk.read(&format!("/etc/ssh/{name}")).unwrap().unwrap();
+            host_keys.push((name, String::from_utf8_lossy(&key).trim().to_string()));
+        }
+    }
+    let mut boot_log =
+        String::from_utf8_lossy(&std::fs::read(run.join("boot-1/serial.log")).unwrap())
+            .into_owned();
+    // journald imports the kernel log, so PID 1's earliest lines are in the journal too.
+    let journal = format!("/var/log/journal/{machine_id}/system.journal");
+    if let Some(bytes) = disk.read(&journal).unwrap() {
+        let copy = raw.with_extension("journal");
+        std::fs::write(&copy, bytes).unwrap();
+        let out = Command::new("journalctl")
+            .arg(format!("--file={}", copy.display()))
+            .args(["-o", "cat", "--no-pager"])
+            .output()
+            .unwrap();
+        boot_log.push_str(&String::from_utf8_lossy(&out.stdout));
+        let _ = std::fs::remove_file(&copy);
+    }
+    Identity {
+        machine_id,
+        host_keys,
+        boot_log,
+    }
+}
+
+/// The disk `kiln bake` wrote is instance-neutral: an empty (not missing) machine-id, no dbus
+/// machine-id, no SSH host key, no cloud-init instance, no systemd credential secret.
+fn assert_instance_neutral(disk: &kiln_qemu::inspect::GuestDisk) {
+    let mid = disk
+        .stat("/etc/machine-id")
+        .unwrap()
+        .expect("/etc/machine-id must exist, empty (a missing one means first-boot presets)");
+    assert_eq!(
+        (mid.kind.as_str(), mid.size),
+        ("regular", 0),
+        "/etc/machine-id must be an empty file: {mid:?}"
+    );
+    assert!(
+        disk.stat("/var/lib/dbus/machine-id").unwrap().is_none(),
+        "/var/lib/dbus/machine-id left in the image"
+    );
+    let ssh = disk.list("/etc/ssh").unwrap().expect("/etc/ssh");
+    assert!(ssh.iter().any(|n| n == "sshd_config"), "{ssh:?}");
+    let keys: Vec<&String> = ssh.iter().filter(|n| n.starts_with("ssh_host_")).collect();
+    assert!(keys.is_empty(), "SSH host keys left in the image: {keys:?}");
+    let instances = disk
+        .list("/var/lib/cloud/instances")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(
+        instances.is_empty(),
+        "cloud-init instances left: {instances:?}"
+    );
+    for gone in ["/var/lib/systemd/credential.secret", "/var/lib/waagent"] {
+        assert!(
+            disk.stat(gone).unwrap().is_none(),
+            "{gone} left in the image"
+        );
+    }
 }
 
 #[test]
@@ -258,6 +344,7 @@ fn baked_image_reaches_done_with_the_mirror_off_and_is_compared_with_payload_onl
             "{gone} left in the image"
         );
     }
+    assert_instance_neutral(&disk);
     drop(disk);
     let _ = std::fs::remove_file(w.join("baked.raw"));
 
@@ -309,6 +396,68 @@ fn baked_image_reaches_done_with_the_mirror_off_and_is_compared_with_payload_onl
     assert!(
         ci_log.contains("bundle already present and verified"),
         "the bootstrap did not use the baked bundle:\n{ci_log}"
+    );
+
+    // 2b. A second VM from the same baked image and payload: each VM makes its own identity.
+    let run_baked2 = w.join("run-baked-2");
+    let (out, _) = kiln(&[
+        "qemu",
+        "test",
+        "--seed",
+        &s(&seed),
+        "--image",
+        &s(&bake),
+        "--mirror",
+        &s(&empty),
+        "-o",
+        &s(&run_baked2),
+        "--deadline",
+        "900",
+    ]);
+    assert!(out.status.success(), "the second baked boot failed");
+    let (a, b) = (
+        identity_of(&run_baked, &w.join("id-a.raw")),
+        identity_of(&run_baked2, &w.join("id-b.raw")),
+    );
+    for (which, id) in [("first", &a), ("second", &b)] {
+        assert!(
+            id.machine_id.len() == 32 && id.machine_id.bytes().all(|c| c.is_ascii_hexdigit()),
+            "{which} VM: machine-id {:?}",
+            id.machine_id
+        );
+        assert!(
+            id.host_keys
+                .iter()
+                .any(|(n, _)| n == "ssh_host_ed25519_key.pub"),
+            "{which} VM made no ed25519 host key: {:?}",
+            id.host_keys
+        );
+        // systemd generated the id (the empty file), and did not take the boot for a first boot:
+        // no preset-all, so nothing the image did not enable gets enabled.
+        assert!(
+            id.boot_log.contains("Initializing machine ID from"),
+            "{which} VM: systemd did not report generating a machine-id"
+        );
+        for line in [
+            "Detected first boot",
+            "Populated /etc with preset unit settings",
+        ] {
+            assert!(!id.boot_log.contains(line), "{which} VM: {line:?}");
+        }
+    }
+    assert_ne!(a.machine_id, b.machine_id, "two VMs share one machine-id");
+    for (name, key) in &a.host_keys {
+        assert!(
+            !b.host_keys.iter().any(|(_, k)| k == key),
+            "two VMs share the host key {name}"
+        );
+    }
+    eprintln!(
+        "two VMs from one baked image: machine-ids {} / {}, {} / {} host keys, all distinct",
+        a.machine_id,
+        b.machine_id,
+        a.host_keys.len(),
+        b.host_keys.len()
     );
 
     // 3. Payload-only: the plain test image, the same seed, the full mirror.
