@@ -11,7 +11,14 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let lines = text.split_inclusive('\n').count().max(1);
+    // YAML line breaks: \n, \r\n and a lone \r (as for the profile reader: positions follow
+    // YAML; found by this target).
+    let lone_cr = data
+        .windows(2)
+        .filter(|w| w[0] == b'\r' && w[1] != b'\n')
+        .count()
+        + usize::from(data.last() == Some(&b'\r'));
+    let lines = text.split_inclusive('\n').count().max(1) + lone_cr;
     for items in [read_yaml(&text), read_json(&text)] {
         for item in items {
             match item {
