@@ -168,6 +168,18 @@ fn json_doc(text: &str, value: Value) -> Doc {
     }
 }
 
+/// Lines of `text` as YAML counts them (`\n`, `\r\n` and a lone `\r` each end one), at least 1.
+fn yaml_line_count(text: &str) -> usize {
+    let b = text.as_bytes();
+    let breaks = b
+        .iter()
+        .enumerate()
+        .filter(|&(i, &c)| c == b'\n' || (c == b'\r' && b.get(i + 1) != Some(&b'\n')))
+        .count();
+    let open_last = !matches!(b.last(), Some(b'\n' | b'\r') | None);
+    (breaks + usize::from(open_last)).max(1)
+}
+
 /// Parses one document (its text starts at file line `start`).
 pub fn parse_chunk(chunk: &str, start: usize) -> Item {
     let mut b = Builder {
@@ -177,12 +189,15 @@ pub fn parse_chunk(chunk: &str, start: usize) -> Item {
         nodes: 0,
         lines: BTreeMap::new(),
     };
+    // The parser places an empty node that ends the text (`- !tag` on the last line) just past
+    // the final line break: such a node is reported on the chunk's last line.
+    let last = start - 1 + yaml_line_count(chunk);
     match b.document() {
         Ok(None) => Item::Empty,
         Ok(Some((value, line))) => Item::Value(Doc {
-            line,
+            line: line.min(last),
             value,
-            lines: b.lines,
+            lines: b.lines.into_iter().map(|(p, l)| (p, l.min(last))).collect(),
         }),
         Err(e) => Item::Error(e),
     }
