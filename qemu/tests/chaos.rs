@@ -895,7 +895,13 @@ fn sigkill_and_hard_resets_in_a_vm_converge_and_no_secret_leaks() {
         &canaries,
         &base_tree,
         &[&w],
-        &[&w.join("mirror"), &base_tree],
+        // The auth key file the test's profile names is that profile's secret input (as
+        // profiles/secrets.example/ is for the plain profile), not something kiln wrote.
+        &[
+            &w.join("mirror"),
+            &base_tree,
+            &w.join("chaos-tailnet-auth-key"),
+        ],
     );
     eprintln!(
         "vm secret scan: {} files scanned ({} world-readable guest files, {} guest journal files, {} host files), {} hits",
