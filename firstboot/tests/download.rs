@@ -367,6 +367,10 @@ fn urls_in_errors_never_show_query_strings() {
 
 #[test]
 fn a_sha512_pin_with_its_size_verifies_and_names_the_cache_file_by_its_hex() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "a_sha512_pin_with_its_size_verifies_and_names_the_cache_file_by_its_hex",
+    );
     let s = setup();
     let mut a = s.artifact.clone();
     a.pin = Pin::new(Sha512::digest(&s.data), Some(s.data.len() as u64));
@@ -377,6 +381,10 @@ fn a_sha512_pin_with_its_size_verifies_and_names_the_cache_file_by_its_hex() {
 
 #[test]
 fn a_wrong_sha512_is_refused_and_nothing_is_kept() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "a_wrong_sha512_is_refused_and_nothing_is_kept",
+    );
     let s = setup();
     let mut a = s.artifact.clone();
     a.pin = Pin::new(Sha512::digest(b"other bytes"), None);
@@ -389,6 +397,10 @@ fn a_wrong_sha512_is_refused_and_nothing_is_kept() {
 
 #[test]
 fn a_longer_announced_length_than_the_pinned_size_is_refused_before_the_body() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "a_longer_announced_length_than_the_pinned_size_is_refused_before_the_body",
+    );
     let s = setup();
     let mut a = s.artifact.clone();
     a.pin.size = Some(s.data.len() as u64 - 1);
@@ -416,6 +428,10 @@ fn a_longer_announced_length_than_the_pinned_size_is_refused_before_the_body() {
 
 #[test]
 fn a_stream_without_length_is_cut_off_as_soon_as_it_passes_the_pinned_size() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "a_stream_without_length_is_cut_off_as_soon_as_it_passes_the_pinned_size",
+    );
     use std::io::{Read as _, Write as _};
     // A server that sends no Content-Length and more bytes than pinned, then keeps the
     // connection open: the client must stop on its own, not wait for the end.
@@ -452,6 +468,10 @@ fn a_stream_without_length_is_cut_off_as_soon_as_it_passes_the_pinned_size() {
 
 #[test]
 fn a_cross_check_that_disagrees_refuses_bytes_that_match_the_pin() {
+    let _case = PassedCase::new(
+        "mirror-faults",
+        "a_cross_check_that_disagrees_refuses_bytes_that_match_the_pin",
+    );
     let s = setup();
     let f = fetcher(&s, online());
     let wrong = CrossCheck {
