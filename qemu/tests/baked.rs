@@ -399,7 +399,10 @@ fn baked_image_reaches_done_with_the_mirror_off_and_is_compared_with_payload_onl
     );
 
     // 2b. A second VM from the same baked image and payload: each VM makes its own identity.
+    // Its own fresh Headscale too: without the guestfwd its `tailscale up` has no control
+    // server to reach and waits out the deadline.
     let run_baked2 = w.join("run-baked-2");
+    tailnet.fresh();
     let (out, _) = kiln(&[
         "qemu",
         "test",
@@ -409,6 +412,8 @@ fn baked_image_reaches_done_with_the_mirror_off_and_is_compared_with_payload_onl
         &s(&bake),
         "--mirror",
         &s(&empty),
+        "--guestfwd",
+        &tailnet.guestfwd(),
         "-o",
         &s(&run_baked2),
         "--deadline",
