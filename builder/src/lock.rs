@@ -19,7 +19,6 @@
 
 // ProfileError carries the source text for its snippet; it is built once per failed run, so
 // its size on the (cold) error path does not matter.
-#![allow(clippy::result_large_err)]
 
 use crate::diag::SourceFile;
 use crate::pins::PinKeys;

@@ -3,7 +3,6 @@
 //! stay inside the repository.
 
 // ProfileError carries the source text for its snippet; it is built once per failed run.
-#![allow(clippy::result_large_err)]
 
 use crate::diag::ProfileError;
 use crate::gitops::glob::Glob;

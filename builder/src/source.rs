@@ -7,7 +7,6 @@
 
 // ProfileError carries the source text for its snippet; it is built once per failed run, so
 // its size on the (cold) error path does not matter.
-#![allow(clippy::result_large_err)]
 
 use crate::diag::{Pos, ProfileError, SourceFile};
 use serde_yaml::{Mapping, Value};

@@ -95,6 +95,7 @@ fn replace_atomic(
 
 /// Flushes the whole filesystem holding `path` (syncfs), for data another program wrote
 /// without fsync that must be on disk before we act on it.
+#[allow(unsafe_code)] // libc calls; each block says why it is sound
 pub fn sync_filesystem(path: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;

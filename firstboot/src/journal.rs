@@ -262,6 +262,7 @@ pub struct Lock {
 }
 
 impl Lock {
+    #[allow(unsafe_code)] // libc calls; each block says why it is sound
     pub fn acquire(root: &Root) -> Result<Lock> {
         let dir = root.path(paths::STATE_DIR);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -68,6 +68,7 @@ pub struct Resources {
 
 impl Resources {
     /// getrusage(RUSAGE_SELF): this process only, all threads, no children.
+    #[allow(unsafe_code)] // libc calls; each block says why it is sound
     pub fn of_self() -> Resources {
         // SAFETY: getrusage fills a plain struct.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };

@@ -113,6 +113,7 @@ pub fn notify_extend_timeout(d: Duration) {
 /// Waits until systemd has processed every notification sent so far (`BARRIER=1`, as
 /// `sd_notify_barrier(3)` does it): a process that exits right after READY=1 could otherwise
 /// be gone before systemd attributes the datagram to it.
+#[allow(unsafe_code)] // libc calls; each block says why it is sound
 pub fn notify_barrier(timeout: Duration) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
@@ -143,6 +144,7 @@ pub fn notify_barrier(timeout: Duration) {
 
 /// One datagram to $NOTIFY_SOCKET carrying `fd` (SCM_RIGHTS). sd-notify 0.4 only offers this
 /// behind a feature pulling another crate; it is a dozen lines of libc.
+#[allow(unsafe_code)] // libc calls; each block says why it is sound
 fn send_with_fd(msg: &[u8], fd: i32) -> std::io::Result<()> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::io::AsRawFd;

@@ -244,6 +244,7 @@ logtail:
 
 impl Headscale {
     /// Stops the server (SIGTERM: SQLite is closed cleanly) and hands back its dir.
+    #[allow(unsafe_code)] // kill(2); the block says why it is sound
     pub fn stop(mut self) -> tempfile::TempDir {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

@@ -97,6 +97,7 @@ pub fn test_image_dir(cache: &Path) -> PathBuf {
 
 /// Loads the cached test image, building it first when missing. Concurrent callers wait on a
 /// lock file instead of building twice.
+#[allow(unsafe_code)] // flock(2); the block says why it is sound
 pub fn ensure_test_image(cache: &Path) -> Result<BaseImage> {
     let dir = test_image_dir(cache);
     if let Ok(img) = load_test_image(&dir) {
