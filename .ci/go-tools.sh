@@ -6,7 +6,7 @@
 #       the module cache
 #   ~/.cache/kiln/go/headscale@v0.29.2/headscale                     the control server
 #   ~/.cache/kiln/go/helm@v3.21.4/helm                                renders the operator chart
-# Prints what each cost. Tests find them with kiln_qemu::gotools (same paths; KILN_GO_TOOLS
+# Prints what each cost. Tests find them with kiln_testkit::gotools (same paths; KILN_GO_TOOLS
 # overrides the root).
 #
 # Flags: CGO_ENABLED=0 (static, as Tailscale's own release builds are) and -buildvcs=false (a

@@ -109,7 +109,7 @@ fn every_bad_profile_fails_with_file_line_col_and_key() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     if std::env::var_os("KILN_PRINT_CORPUS").is_none() {
         let total = corpus().len();
-        kiln_qemu::testkit::record_reliability(
+        kiln_testkit::record_reliability(
             "bad-profiles",
             &serde_json::json!({"cases": total, "refused_with_file_line_col": total}),
         );

@@ -13,7 +13,7 @@
 mod steps_common;
 
 use kiln_qemu::mirror::Fault;
-use kiln_qemu::testkit::journal_view;
+use kiln_testkit::journal_view;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
@@ -263,7 +263,7 @@ fn sigkill_at_every_step_boundary_and_mid_download_converges_to_the_uninterrupte
     assert_no_unverified_final_files(&node.root, &pins);
     eprintln!("crash injection: {points} points tried, {points} converged");
     assert_eq!(points, 13);
-    kiln_qemu::testkit::record_reliability(
+    kiln_testkit::record_reliability(
         "crash-host",
         &serde_json::json!({"points_tried": points, "converged": points}),
     );
@@ -410,7 +410,7 @@ fn secret_canaries_appear_in_no_output_status_journal_or_world_readable_file() {
         }
     }
     eprintln!("secret canaries: {} sources scanned, 0 hits", scanned.len());
-    kiln_qemu::testkit::record_reliability(
+    kiln_testkit::record_reliability(
         "canaries-host",
         &serde_json::json!({"sources_scanned": scanned.len(), "hits": hits.len()}),
     );

@@ -7,7 +7,7 @@ use kiln_firstboot::engine::{is_transient, Backoff};
 use kiln_firstboot::fs::Root;
 use kiln_plan::{Artifact, Artifacts, Digest, Pin, Sha256, Sha512, Url};
 use kiln_qemu::mirror::{Fault, Mirror};
-use kiln_qemu::testkit::PassedCase;
+use kiln_testkit::PassedCase;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -9,7 +9,7 @@
 
 use kiln_plan::manifests::{self, TAILSCALE_OPERATOR_CHART};
 use kiln_plan::{Plan, Secret, Url};
-use kiln_qemu::gotools;
+use kiln_testkit::gotools;
 use serde_yaml::Value;
 use std::process::Command;
 

@@ -18,8 +18,8 @@
 
 use kiln_firstboot::tailscale::{parse_status, up_args};
 use kiln_plan::{Plan, Url};
-use kiln_qemu::gotools;
-use kiln_qemu::headscale::{Headscale, BASE_DOMAIN};
+use kiln_testkit::gotools;
+use kiln_testkit::headscale::{Headscale, BASE_DOMAIN};
 use serde_json::Value;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

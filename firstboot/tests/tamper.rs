@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    kiln_testkit::repo()
 }
 
 /// The qemu-local golden plan with every URL pointing at a closed loopback port and 1 s
@@ -322,7 +322,7 @@ fn every_tampered_bundle_or_plan_is_refused_before_any_step_runs() {
         "tampered node cases: {refused} refused / {} tried",
         all.len()
     );
-    kiln_qemu::testkit::record_reliability(
+    kiln_testkit::record_reliability(
         "tamper",
         &serde_json::json!({"tried": all.len(), "refused": refused}),
     );

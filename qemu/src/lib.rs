@@ -1,15 +1,10 @@
 //! QEMU glue: base images, accelerator probe, VM runner with QMP, serial-console timeline,
 //! guest disk reader, and the harness behind `kiln qemu` and the end-to-end tests.
 pub mod accel;
-pub mod fake_tailscale_api;
-pub mod gotools;
 pub mod harness;
-pub mod headscale;
 pub mod image;
 pub mod inspect;
 pub mod mirror;
-pub mod qga;
 pub mod qmp;
 pub mod serial;
-pub mod testkit;
 pub mod vm;

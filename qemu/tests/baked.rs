@@ -18,8 +18,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use kiln_qemu::gotools;
-use kiln_qemu::testkit::{self, read_json, Tailnet};
+use kiln_testkit::gotools;
+use kiln_testkit::{self as testkit, read_json, Tailnet};
 
 fn kiln(args: &[&str]) -> (Output, String) {
     testkit::run_kiln(args)

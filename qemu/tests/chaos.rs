@@ -36,18 +36,18 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_qemu::accel;
-use kiln_qemu::gotools;
 use kiln_qemu::harness::Session;
 use kiln_qemu::image;
 use kiln_qemu::inspect::GuestDisk;
 use kiln_qemu::mirror::{Fault, Mirror};
-use kiln_qemu::qga::Qga;
 use kiln_qemu::serial::{Event, Follower, TimedEvent};
-use kiln_qemu::testkit::{
+use kiln_qemu::vm::Vm;
+use kiln_testkit::gotools;
+use kiln_testkit::qga::Qga;
+use kiln_testkit::{
     build_profile, journal_view, make_tailnet_mirror, publish_bundle, repo, sha256_hex, target_dir,
     work_dir, Tailnet, WorkDir,
 };
-use kiln_qemu::vm::Vm;
 use serde_json::{json, Value};
 
 const STEPS: [&str; 6] = [

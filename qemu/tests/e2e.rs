@@ -21,8 +21,8 @@
 //! Runs only with KILN_VM_TESTS=1 (the lead's .ci/run sets it) and needs KILN_FIRSTBOOT = the
 //! static daemon and .ci/go-tools.sh's binaries. About 10 minutes under TCG on 2 cores.
 
-use kiln_qemu::gotools;
-use kiln_qemu::testkit::{
+use kiln_testkit::gotools;
+use kiln_testkit::{
     build_profile, files_under, in_tailnet_v4, make_tailnet_mirror, publish_bundle, read_json,
     repo, run_kiln, vm_tests, work_dir, Tailnet, TAILNET_TAGS,
 };
@@ -255,7 +255,7 @@ fn qemu_local_profile_provisions_the_node_and_reboot_skips_everything() {
         .unwrap_or_else(|| panic!("no 100.64.0.0/10 address from the real client: {ts_step}"));
     assert_eq!(
         ts_step["facts"]["tailscale.dns-name"],
-        format!("{TS_HOSTNAME}.{}", kiln_qemu::headscale::BASE_DOMAIN),
+        format!("{TS_HOSTNAME}.{}", kiln_testkit::headscale::BASE_DOMAIN),
         "{ts_step}"
     );
     let plan = read_json(&guest1.join("etc/kiln/plan.json"));

@@ -3,7 +3,7 @@
 //!
 //! 1. `kiln build qemu/tests/profiles/qemu-rebuild.yaml` once (url delivery, `tailscale.api`
 //!    pointing at http://10.0.2.101, which `--guestfwd` joins to the Tailscale API contract
-//!    stand-in `kiln_qemu::fake_tailscale_api` on the host's loopback).
+//!    stand-in `kiln_testkit::fake_tailscale_api` on the host's loopback).
 //! 2. Boot 1 on a fresh overlay: every step done.
 //! 3. The node's device (and the operator's `argocd` proxy) are registered in the stand-in, as
 //!    the tailnet would have registered them on join: the stand-in is not a coordination server,
@@ -24,9 +24,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use kiln_qemu::fake_tailscale_api::{device, ApiRequest, Config, FakeTailscaleApi};
 use kiln_qemu::inspect::GuestDisk;
-use kiln_qemu::testkit::{
+use kiln_testkit::fake_tailscale_api::{device, ApiRequest, Config, FakeTailscaleApi};
+use kiln_testkit::{
     build_profile, kiln_bin, make_mirror, publish_bundle, read_json, repo, vm_tests, work_dir,
 };
 use serde_json::Value;

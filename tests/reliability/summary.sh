@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reliability summary table. Reads the counts the tests themselves recorded during this run
-# (<target dir>/reliability/*.json, written by kiln_qemu::testkit::record_reliability) and the
+# (<target dir>/reliability/*.json, written by kiln_testkit::record_reliability) and the
 # fuzz smoke's summary; it runs no test. A row whose record is missing, or whose count is short
 # of what the suite holds, fails the table.
 #

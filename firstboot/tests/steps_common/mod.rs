@@ -14,10 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    kiln_testkit::repo()
 }
 
 pub fn standins_dir() -> PathBuf {
@@ -163,25 +160,7 @@ pub fn pin_manifests(plan: &mut Plan) {
 
 /// Compares `actual` with `tests/golden/manifests/NAME`; `KILN_UPDATE_GOLDEN=1` rewrites it.
 pub fn golden(name: &str, actual: &[u8]) {
-    let path = repo_dir().join("tests/golden/manifests").join(name);
-    if std::env::var_os("KILN_UPDATE_GOLDEN").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let want = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run with KILN_UPDATE_GOLDEN=1 to create it)",
-            path.display()
-        )
-    });
-    assert!(
-        want == actual,
-        "{} differs from the rendered output:\n--- golden\n{}\n--- actual\n{}",
-        path.display(),
-        String::from_utf8_lossy(&want),
-        String::from_utf8_lossy(actual)
-    );
+    kiln_testkit::golden(&format!("manifests/{name}"), actual)
 }
 
 pub struct TestNode {

@@ -1,19 +1,55 @@
 //! What the VM tests of every package share: finding the repo, the built `kiln` binary and the
 //! target dir, the switch that turns VM tests on, a kept-or-temporary work dir, the stand-in
 //! artifact mirror, building a profile, and putting its bundle where url delivery fetches it.
-//! (Test support: nothing in the product calls it.)
+//! Also the stand-ins' and real tools' drivers the tests use: the fake Tailscale SaaS API, the
+//! QEMU guest-agent client, the Go tools finder and a loopback Headscale. A dev-dependency only
+//! (`publish = false`): no product crate links it.
+
+pub mod fake_tailscale_api;
+pub mod gotools;
+pub mod headscale;
+pub mod qga;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::Digest;
 
-/// The repository root (this crate lives in `qemu/`).
+/// The repository root (this crate lives in `testkit/`).
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("qemu/ has a parent")
+        .expect("testkit/ has a parent")
         .to_path_buf()
+}
+
+/// Compares `actual` with the golden file `tests/golden/<rel>` (repo-relative);
+/// `KILN_UPDATE_GOLDEN=1` rewrites it instead. Every package's golden tests go through here.
+pub fn golden(rel: &str, actual: &[u8]) {
+    let path = repo().join("tests/golden").join(rel);
+    if std::env::var_os("KILN_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "missing golden file {} ({e}); run with KILN_UPDATE_GOLDEN=1 and review the diff",
+            path.display()
+        )
+    });
+    if expected != actual {
+        let a = String::from_utf8_lossy(actual);
+        let e = String::from_utf8_lossy(&expected);
+        let first = a.lines().zip(e.lines()).position(|(x, y)| x != y);
+        panic!(
+            "{} differs from the rendered output (first differing line: {:?})\n--- expected\n{}\n--- actual\n{}",
+            path.display(),
+            first.map(|i| i + 1),
+            e,
+            a
+        );
+    }
 }
 
 /// `$CARGO_TARGET_DIR`, else the target dir the running test binary was built into
