@@ -47,6 +47,26 @@ fn api_settings_reach_the_plan_and_a_minted_key_replaces_the_stored_one() {
     assert_eq!(back.tailscale.api, r.plan.tailscale.api);
 }
 
+/// A self-chosen API origin and key expiry reach the plan as written (the settings the QEMU
+/// rebuild test used to point the guest at the API stand-in, now proven here and in
+/// firstboot/tests/tailscale_api.rs).
+#[test]
+fn a_custom_api_origin_and_key_expiry_reach_the_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = format!("{API}    base-url: http://10.0.2.101\n    key-expiry-seconds: 600\n");
+    let p = variant(tmp.path(), |t| {
+        t.replace("  auth-key: {file: secrets/auth-key}\n", &api)
+    });
+    let r = pipeline::resolve(&p, &common::no_env)
+        .map_err(|e| e.to_string())
+        .unwrap()
+        .1;
+    let api = r.plan.tailscale.api.as_ref().expect("api in the plan");
+    assert_eq!(api.base_url.as_str(), "http://10.0.2.101/");
+    assert_eq!(api.key_expiry_seconds, 600);
+    assert_eq!(r.plan.tailscale.tags, ["tag:k8s"]);
+}
+
 #[test]
 fn without_api_settings_the_plan_has_no_api_field() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1,8 +1,9 @@
 //! Identity on rebuild: the Tailscale API client against the API's contract stand-in
 //! (`kiln_testkit::fake_tailscale_api`, on 127.0.0.1: OAuth token, paginated device list, device
 //! delete, auth keys, scopes and tag ownership), with injected faults; and the real daemon
-//! deleting the stale device BEFORE `tailscale up`. The QEMU e2e `qemu/tests/rebuild.rs` uses the
-//! same stand-in through a guestfwd.
+//! deleting the stale device BEFORE `tailscale up`, and a whole rebuild (two roots, one plan, a
+//! new instance id). The QEMU rebuild test (`qemu/tests/rebuild.rs`) runs the real client against
+//! Headscale, where `tailscale.api` is refused, so the SaaS cleanup ordering is proven here.
 
 mod steps_common;
 
@@ -347,4 +348,182 @@ fn a_rebuilt_node_deletes_its_stale_device_before_joining_with_a_minted_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(fake.log().len(), calls, "a Running node calls no API");
+}
+
+/// The SaaS side of a rebuild, moved here from the QEMU rebuild test (which runs the real client
+/// against Headscale, where `tailscale.api` is refused): the identical payload on two fresh
+/// roots, the second with a new instance id, against the API stand-in and the stand-in
+/// Tailscale client (host-only: `--root`, no TUN). Boot 1 finds nothing stale and mints one
+/// key; the node's device and the operator's `argocd` proxy are then registered in the
+/// stand-in, as the tailnet would have after boot 1's join (the stand-in is not a coordination
+/// server); boot 2 deletes both, then mints its own key, then joins, all within the tailscale
+/// step; a bystander stays. Both end in the same state, each with a fresh journal.
+#[test]
+fn a_rebuild_with_the_same_plan_frees_the_old_devices_then_mints_then_joins() {
+    let fake = start_api(vec![device("nLAPTOP", "laptop", "laptop")], 100);
+    let base = fake.url();
+    let (node1, _mirror, _pins, plan) = steps_common::setup(move |plan, _| {
+        plan.tailscale.api = Some(api(&base, true));
+    });
+    // The payload carries no stored key (qemu-rebuild's setting before: mint on every join).
+    std::fs::remove_file(node1.p(steps_common::AUTH_KEY_FILE)).unwrap();
+    // The rebuilt node: the same image and payload (a copy of the untouched root), a new
+    // instance id, as cloud-init records it.
+    let tmp2 = tempfile::Builder::new()
+        .prefix("kst")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&node1.root)
+        .arg(tmp2.path().join("root"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let node2 = steps_common::TestNode {
+        root: tmp2.path().join("root"),
+        bin: node1.bin.clone(),
+        _tmp: tmp2,
+    };
+    for (node, id) in [(&node1, "iid-boot-1"), (&node2, "kiln-rebuild-2")] {
+        let p = node.p("/var/lib/cloud/data/instance-id");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("{id}\n")).unwrap();
+    }
+    let calls = |log: &[ApiRequest]| -> Vec<String> {
+        log.iter()
+            .map(|r| format!("{} {} {}", r.method, r.target, r.status))
+            .collect()
+    };
+    let run = |node: &steps_common::TestNode| {
+        let out = node.run_daemon();
+        assert!(
+            out.status.success(),
+            "daemon failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    // Boot 1: nothing stale to delete, one key minted.
+    let out1 = run(&node1);
+    assert_eq!(
+        calls(&fake.log()),
+        [
+            "POST /api/v2/oauth/token 200",
+            "GET /api/v2/tailnet/-/devices 200",
+            "POST /api/v2/tailnet/-/keys 200"
+        ]
+    );
+    let hostname = plan.tailscale.hostname.as_str();
+    fake.add_device(fake_tailscale_api::device(
+        "nBOOT1NODE",
+        hostname,
+        hostname,
+        &["tag:k8s"],
+    ));
+    fake.add_device(fake_tailscale_api::device(
+        "nBOOT1ARGOCD",
+        "argocd",
+        "argocd",
+        &["tag:k8s"],
+    ));
+
+    // Boot 2: the stale devices go first, then the key is minted.
+    let before = fake.log().len();
+    let out2 = run(&node2);
+    let log2: Vec<ApiRequest> = fake.log().split_off(before);
+    assert_eq!(
+        calls(&log2),
+        [
+            "POST /api/v2/oauth/token 200",
+            "GET /api/v2/tailnet/-/devices 200",
+            "DELETE /api/v2/device/nBOOT1NODE 200",
+            "DELETE /api/v2/device/nBOOT1ARGOCD 200",
+            "POST /api/v2/tailnet/-/keys 200"
+        ]
+    );
+    // All within the tailscale step (the journal's RFC 3339 ms times, the same host clock),
+    // and before `tailscale up` (the stand-in's log): the node joined with the minted key.
+    let journal2: Value =
+        serde_json::from_slice(&std::fs::read(node2.p("/var/lib/kiln/journal.json")).unwrap())
+            .unwrap();
+    let ts = journal2["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "tailscale")
+        .unwrap();
+    let at = |t: f64| kiln_firstboot::time::rfc3339((t * 1000.0) as u64);
+    let (first, mint) = (log2[0].time, log2[log2.len() - 1].time);
+    assert!(
+        ts["started-at"].as_str().unwrap() <= at(first).as_str(),
+        "API called before the tailscale step: {ts}"
+    );
+    assert!(log2.iter().all(|r| r.time <= mint));
+    assert!(
+        at(mint).as_str() <= ts["ended-at"].as_str().unwrap(),
+        "{ts}"
+    );
+    let ups: Vec<f64> = node2
+        .log()
+        .iter()
+        .filter(|e| e["prog"] == "tailscale" && e["argv"][0] == "up")
+        .map(|e| e["time"].as_f64().unwrap())
+        .collect();
+    assert_eq!(ups.len(), 1, "one join: {:?}", node2.log());
+    assert!(
+        mint < ups[0],
+        "the key must be minted before the node joins"
+    );
+    // The bystander stayed; each boot minted its own key.
+    assert_eq!(fake.device_ids(), ["nLAPTOP"]);
+    let minted = fake.minted_keys();
+    assert_eq!(minted.len(), 2);
+    assert_ne!(minted[0], minted[1]);
+
+    // A fresh journal for the new instance, started once; the same end state as boot 1.
+    let journal1: Value =
+        serde_json::from_slice(&std::fs::read(node1.p("/var/lib/kiln/journal.json")).unwrap())
+            .unwrap();
+    assert_eq!(journal1["instance-id"], "iid-boot-1");
+    assert_eq!(journal2["instance-id"], "kiln-rebuild-2");
+    assert_eq!(journal2["runs"], 1, "{journal2}");
+    let steps = |j: &Value| -> Vec<(Value, Value)> {
+        j["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["id"].clone(), s["state"].clone()))
+            .collect()
+    };
+    assert_eq!(steps(&journal2), steps(&journal1));
+    assert_eq!(steps(&journal1).len(), 6, "{journal1}");
+    let (st1, st2) = (
+        steps_common::status(&node1.root),
+        steps_common::status(&node2.root),
+    );
+    assert_eq!(st1["state"], "done", "{st1}");
+    assert_eq!(
+        steps_common::step_states(&st2),
+        steps_common::step_states(&st1)
+    );
+    assert_eq!(st2["state"], st1["state"]);
+
+    // No secret in what either boot printed or left in its status; the minted keys are gone.
+    let mut secrets = minted;
+    secrets.extend(fake.issued_tokens());
+    secrets.push(CLIENT_SECRET.into());
+    for (node, out) in [(&node1, &out1), (&node2, &out2)] {
+        let status = std::fs::read_to_string(node.p("/run/kiln/status.json")).unwrap();
+        for s in &secrets {
+            assert!(!out.contains(s.as_str()) && !status.contains(s.as_str()));
+        }
+        assert!(!node.p(steps_common::AUTH_KEY_FILE).exists());
+    }
 }

@@ -226,6 +226,25 @@ logtail:
         }
     }
 
+    /// `nodes delete --identifier ID --force`: what an operator runs before re-creating a node
+    /// to keep its name (see docs/node.md).
+    pub fn delete_node(&self, id: u64) -> Result<()> {
+        self.cli(&[
+            "nodes",
+            "delete",
+            "--identifier",
+            &id.to_string(),
+            "--force",
+        ])?;
+        Ok(())
+    }
+
+    /// `nodes rename --identifier ID NAME`: sets the node's `given_name` (its MagicDNS label).
+    pub fn rename_node(&self, id: u64, name: &str) -> Result<()> {
+        self.cli(&["nodes", "rename", "--identifier", &id.to_string(), name])?;
+        Ok(())
+    }
+
     /// Waits until a node with this hostname satisfies `ok`; the node.
     pub fn wait_node(&self, name: &str, ok: impl Fn(&Value) -> bool) -> Result<Value> {
         let until = Instant::now() + Duration::from_secs(60);

@@ -1,6 +1,7 @@
 //! What the VM tests of every package share: finding the repo, the built `kiln` binary and the
-//! target dir, the switch that turns VM tests on, a kept-or-temporary work dir, the stand-in
-//! artifact mirror, building a profile, and putting its bundle where url delivery fetches it.
+//! target dir, the switch that turns VM tests on, a kept-or-temporary work dir, the artifact
+//! mirror (the K3s stand-in, the real Tailscale tarball), the loopback Headscale tailnet,
+//! building a profile, and putting its bundle where url delivery fetches it.
 //! Also the stand-ins' and real tools' drivers the tests use: the fake Tailscale SaaS API, the
 //! QEMU guest-agent client, the Go tools finder and a loopback Headscale. A dev-dependency only
 //! (`publish = false`): no product crate links it.
@@ -172,20 +173,6 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The contract stand-ins' artifact mirror, built into `dir` by the steps' own tool.
-pub fn make_mirror(dir: &Path) {
-    let out = Command::new("python3")
-        .arg(repo().join("tests/standins/make-mirror.py"))
-        .arg(dir)
-        .output()
-        .expect("running python3 tests/standins/make-mirror.py");
-    assert!(
-        out.status.success(),
-        "make-mirror.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `kiln build PROFILE --firstboot DAEMON -o OUT` from the repo root; panics with kiln's
 /// output when it fails.
 pub fn build_profile(profile: &str, firstboot: &str, out: &Path) {
@@ -253,7 +240,7 @@ pub fn make_tailnet_mirror(dir: &Path, tools: &crate::gotools::GoTools) -> serde
 }
 
 /// Where guests reach the test's Headscale (a guestfwd to its loopback port, like the mirror
-/// at 10.0.2.100 and the Tailscale API stand-in at 10.0.2.101).
+/// at 10.0.2.100).
 pub const GUEST_HEADSCALE: &str = "10.0.2.102";
 
 /// A real Headscale on loopback for a VM test: user `kiln`, a single-use pre-auth key tagged
