@@ -4,7 +4,7 @@
 //!
 //! Why `install.yaml` rather than the argo-cd HelmChart: the manifest is Argo CD's own release
 //! artifact for the exact tag (v3.4.7), pinned here by sha256; the Helm chart is a separate
-//! project whose version-to-appVersion mapping for v3.4.7 is not confirmed (contracts.md §0),
+//! project whose version-to-appVersion mapping for v3.4.7 is not confirmed in the chart repository,
 //! and it would need the chart and all its values pinned too. K3s applies the file itself, so
 //! nothing else (helm job, chart repo access) is on the boot path. See docs/node.md.
 

@@ -3,7 +3,7 @@
 //! devices such as `argocd`) before `tailscale up`, so the node keeps `HOSTNAME` instead of
 //! becoming `HOSTNAME-1`; and mint a single-use, preauthorized, tagged auth key.
 //!
-//! Endpoints (contracts.md §7; tailscale/tailscale `publicapi/*.md`):
+//! Endpoints (tailscale/tailscale `publicapi/*.md`):
 //! - `POST /api/v2/oauth/token` (form `client_id`, `client_secret`, `grant_type=client_credentials`)
 //!   → `{"access_token": ..., "token_type": "Bearer", "expires_in": ...}`;
 //! - `GET /api/v2/tailnet/-/devices` → `{"devices": [{"id", "nodeId", "hostname", "name", ...}]}`.

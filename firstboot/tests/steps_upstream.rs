@@ -135,7 +135,7 @@ fn root_application_validates_against_the_argo_cd_v3_4_7_crd() {
     let mut bad = app.clone();
     bad["spec"]["syncPolicy"]["retry"]["limit"] = json!("5");
     assert!(!errors(&v, &bad).is_empty());
-    // What contracts.md asks of the root Application.
+    // The reference profile's root Application reads groundwork recursively (docs/profile.md).
     assert_eq!(app["spec"]["source"]["directory"]["recurse"], true);
     assert_eq!(
         app["spec"]["destination"]["server"],

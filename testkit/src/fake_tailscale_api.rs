@@ -2,8 +2,8 @@
 //! from here, and kiln's identity-on-rebuild work (firstboot/src/tailscale_api.rs) must be
 //! proven against something that behaves like it.
 //!
-//! It implements the documented endpoints kiln uses (`../shared/docs/contracts.md` §7, the
-//! public api.md), on 127.0.0.1 only:
+//! It implements the documented endpoints kiln uses (tailscale/tailscale `publicapi/*.md`, the
+//! public API reference), on 127.0.0.1 only:
 //! - `POST /api/v2/oauth/token`: form `client_id`, `client_secret`,
 //!   `grant_type=client_credentials` → `{"access_token", "token_type": "Bearer", "expires_in"}`;
 //!   a wrong client is 401, another grant type 400;
@@ -26,7 +26,7 @@
 //! [`FakeTailscaleApi::add_device`] and say so.
 //!
 //! Every request is logged with the host's wall-clock time (Unix seconds), so a test can put
-//! API calls on the same clock as a VM's serial timeline.
+//! API calls on the same clock as the daemon's journal (step start and end times).
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};

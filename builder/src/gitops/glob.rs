@@ -370,7 +370,7 @@ mod tests {
         .filter(|p| inc.matches(p) && !exc.matches(p))
         .collect();
         assert_eq!(kept, ["deployment.yaml", "env-use2/configmap.yaml"]);
-        // The brace example of contracts.md: '{config.json,env-usw2/*}'.
+        // The brace example of Argo CD's directory include docs: '{config.json,env-usw2/*}'.
         assert!(m("{config.json,env-usw2/*}", "env-usw2/x/y.yaml"));
     }
 
