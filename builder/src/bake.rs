@@ -43,36 +43,20 @@ const MIB: u64 = 1 << 20;
 pub struct Args {
     /// The node profile whose artifacts go into the image.
     pub profile: PathBuf,
-    /// `debian-12-test` (built and cached) or the path of a cloud image (e.g. Ubuntu 22.04's .img).
-    #[arg(long, default_value = image::DEBIAN_12_TEST)]
-    pub image: String,
+    #[command(flatten)]
+    pub machine: crate::opts::MachineOpts,
     /// Output directory: <name>.qcow2, <name>.vhd, build.json, the profile's build in build/,
     /// the bake VM's serial log in vm/.
     #[arg(short = 'o', long)]
     pub out: PathBuf,
-    /// Serve this directory as the artifact mirror the guest sees at http://10.0.2.100/.
-    #[arg(long)]
-    pub mirror: Option<PathBuf>,
-    /// Let the bake VM reach the internet (upstream artifact URLs). Without it the guest
-    /// reaches only the mirror.
-    #[arg(long)]
-    pub open_net: bool,
-    /// Static kiln-firstboot to bundle (as for `kiln build`).
-    #[arg(long)]
-    pub firstboot: Option<PathBuf>,
+    #[command(flatten)]
+    pub daemon: crate::opts::DaemonOpts,
     /// Give up on the bake boot after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub deadline: u64,
     /// File name of the outputs (default: the node's hostname).
     #[arg(long)]
     pub name: Option<String>,
-    #[arg(long, default_value_t = 2048)]
-    pub memory_mib: u32,
-    #[arg(long, default_value_t = 2)]
-    pub smp: u32,
-    /// Grow the disk to this size first (cloud images ship small disks), e.g. 10G.
-    #[arg(long)]
-    pub disk_size: Option<String>,
 }
 
 /// One stage of the bake, for progress lines and error messages.
@@ -105,7 +89,7 @@ pub fn run(a: &Args) -> Result<(), BuildError> {
     st.next(&format!("build {}", a.profile.display()));
     let epoch = render::source_date_epoch()?;
     pipeline::resolve(&a.profile, &resolve::process_env)?;
-    let daemon_path = elf::find_daemon(a.firstboot.as_deref())?;
+    let daemon_path = a.daemon.find()?;
     let daemon = elf::load_daemon(&daemon_path)?;
     let (_, rendered) = pipeline::build(&a.profile, &daemon, epoch, &resolve::process_env)?;
     fs::create_dir_all(&a.out)
@@ -149,8 +133,9 @@ pub fn run(a: &Args) -> Result<(), BuildError> {
     fs::write(vm_dir.join("bake-user-data"), &user_data)
         .with_context(|| format!("stage bake seed: writing {}", vm_dir.display()))?;
 
-    st.next(&format!("boot {} and stage the artifacts", a.image));
-    let img = image::resolve(&a.image).with_context(|| format!("stage boot: image {}", a.image))?;
+    st.next(&format!("boot {} and stage the artifacts", a.machine.image));
+    let img = image::resolve(&a.machine.image)
+        .with_context(|| format!("stage boot: image {}", a.machine.image))?;
     let choice = accel::choose(
         Path::new("qemu-system-x86_64"),
         &vm_dir,
@@ -161,7 +146,7 @@ pub fn run(a: &Args) -> Result<(), BuildError> {
         "kiln bake: accelerator {} ({})",
         choice.accel, choice.reason
     );
-    let mirror = match &a.mirror {
+    let mirror = match &a.machine.mirror {
         None => None,
         Some(dir) => {
             if !dir.is_dir() {
@@ -177,17 +162,15 @@ pub fn run(a: &Args) -> Result<(), BuildError> {
             Some(m)
         }
     };
-    let mut session = Session::new(
-        img.clone(),
-        choice.clone(),
-        &vm_dir,
-        Some(seed_path.clone()),
-        a.disk_size.as_deref(),
-    )
-    .context("stage boot: preparing the overlay")?;
-    session.memory_mib = a.memory_mib;
-    session.smp = a.smp;
-    session.open_net = a.open_net;
+    let session = a
+        .machine
+        .session(
+            img.clone(),
+            choice.clone(),
+            &vm_dir,
+            Some(seed_path.clone()),
+        )
+        .context("stage boot: preparing the overlay")?;
     let boot = boot_to_poweroff(
         &session,
         mirror.as_ref().map(|m| m.port()),
@@ -276,7 +259,7 @@ pub fn run(a: &Args) -> Result<(), BuildError> {
         "profile": a.profile.display().to_string(),
         "hostname": rendered.plan.node.hostname,
         "base-image": {
-            "spec": a.image,
+            "spec": a.machine.image,
             "disk": img.disk.display().to_string(),
             "boot": match img.boot { Boot::DirectKernel { .. } => "direct-kernel", Boot::Firmware => "firmware" },
         },

@@ -11,9 +11,8 @@ pub struct Args {
     /// Profile to build (default: the reference profile, profiles/ameciclo.yaml).
     #[arg(long)]
     pub profile: Option<PathBuf>,
-    /// Static kiln-firstboot to bundle (default: found like `kiln build` does).
-    #[arg(long)]
-    pub firstboot: Option<PathBuf>,
+    #[command(flatten)]
+    pub daemon: crate::opts::DaemonOpts,
     /// Timed runs of each side (after one warm-up run each).
     #[arg(long, default_value_t = 15)]
     pub runs: usize,
@@ -52,7 +51,7 @@ pub fn run(a: &Args) -> Result<()> {
     };
     let runs = a.runs.max(3);
     let exe = std::env::current_exe().context("locating kiln")?;
-    let daemon = crate::elf::find_daemon(a.firstboot.as_deref())?;
+    let daemon = a.daemon.find()?;
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("out");
     // Cold: every bundle member compressed again. Warm: the members come from a member cache

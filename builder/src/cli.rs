@@ -51,9 +51,8 @@ pub struct BuildArgs {
     /// Output directory.
     #[arg(short, long, default_value = "out")]
     pub out: PathBuf,
-    /// The static kiln-firstboot binary to ship (default: next to kiln, or the static build).
-    #[arg(long)]
-    pub firstboot: Option<PathBuf>,
+    #[command(flatten)]
+    pub daemon: crate::opts::DaemonOpts,
     /// Run `kiln gitops check` on this checkout first and refuse to build on findings.
     #[arg(long)]
     pub gitops_checkout: Option<PathBuf>,
@@ -111,7 +110,7 @@ pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
     if let Some(dir) = &a.gitops_checkout {
         crate::cmd_gitops::gate(&resolved, &a.profile, dir)?;
     }
-    let daemon_path = elf::find_daemon(a.firstboot.as_deref())?;
+    let daemon_path = a.daemon.find()?;
     let daemon = elf::load_daemon(&daemon_path)?;
     let cache = if a.no_cache {
         None

@@ -42,32 +42,16 @@ pub struct VmArgs {
     /// Profile to build the seed from.
     #[arg(required_unless_present = "seed")]
     pub profile: Option<PathBuf>,
-    /// `debian-12-test` (built and cached) or the path of a cloud image (e.g. Ubuntu 22.04's .img).
-    #[arg(long, default_value = image::DEBIAN_12_TEST)]
-    pub image: String,
-    /// Serve this directory as the artifact mirror the guest sees at http://10.0.2.100/.
-    #[arg(long)]
-    pub mirror: Option<PathBuf>,
-    /// Static kiln-firstboot to bundle (passed to `kiln build`).
-    #[arg(long)]
-    pub firstboot: Option<PathBuf>,
+    #[command(flatten)]
+    pub machine: crate::opts::MachineOpts,
+    #[command(flatten)]
+    pub daemon: crate::opts::DaemonOpts,
     /// Boot this NoCloud seed instead of building one from the profile.
     #[arg(long)]
     pub seed: Option<PathBuf>,
     /// Output directory: build outputs, overlay disk, serial logs, report.
     #[arg(short = 'o', long, default_value = "out/qemu")]
     pub outdir: PathBuf,
-    #[arg(long, default_value_t = 2048)]
-    pub memory_mib: u32,
-    #[arg(long, default_value_t = 2)]
-    pub smp: u32,
-    /// Grow the throw-away overlay to this size (cloud images ship small disks), e.g. 10G.
-    #[arg(long)]
-    pub disk_size: Option<String>,
-    /// Let the guest reach the internet (upstream artifact URLs with a real cloud image).
-    /// Without it the guest reaches only the mirror.
-    #[arg(long)]
-    pub open_net: bool,
     /// Forward one more guest address to a loopback port, `GUEST_IP:GUEST_PORT=LOOPBACK_PORT`
     /// (e.g. `10.0.2.101:80=41234` for a test's Tailscale API stand-in). Repeatable.
     #[arg(long = "guestfwd", value_name = "GUEST_IP:PORT=LOOPBACK_PORT")]
@@ -180,7 +164,7 @@ fn build_seed(vm: &VmArgs) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the kiln binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("build").arg(profile).arg("-o").arg(&build_dir);
-    if let Some(fb) = &vm.firstboot {
+    if let Some(fb) = &vm.daemon.firstboot {
         cmd.arg("--firstboot").arg(fb);
     }
     let status = cmd.status().context("running kiln build")?;
@@ -195,7 +179,7 @@ fn build_seed(vm: &VmArgs) -> Result<PathBuf> {
 }
 
 fn start_mirror(vm: &VmArgs) -> Result<Option<Mirror>> {
-    match &vm.mirror {
+    match &vm.machine.mirror {
         None => Ok(None),
         Some(dir) => {
             if !dir.is_dir() {
@@ -220,17 +204,14 @@ fn session(
     outdir: &Path,
     seed: Option<PathBuf>,
 ) -> Result<Session> {
-    let mut s = Session::new(img, choice, outdir, seed, vm.disk_size.as_deref())?;
-    s.memory_mib = vm.memory_mib;
-    s.smp = vm.smp;
-    s.open_net = vm.open_net;
+    let mut s = vm.machine.session(img, choice, outdir, seed)?;
     s.extra_guestfwds = vm.guestfwds.clone();
     Ok(s)
 }
 
 fn cmd_run(vm: VmArgs) -> Result<ExitCode> {
     let seed = boot_seed(&vm)?;
-    let img = image::resolve(&vm.image)?;
+    let img = image::resolve(&vm.machine.image)?;
     std::fs::create_dir_all(&vm.outdir)?;
     let choice = choose_accel(&img, &vm.outdir)?;
     let mirror = start_mirror(&vm)?;
@@ -274,7 +255,7 @@ fn floor_seed(dir: &Path) -> Result<Option<PathBuf>> {
 fn cmd_test(args: TestArgs) -> Result<ExitCode> {
     let vm = &args.vm;
     let seed = boot_seed(vm)?;
-    let img = image::resolve(&vm.image)?;
+    let img = image::resolve(&vm.machine.image)?;
     std::fs::create_dir_all(&vm.outdir)?;
     let choice = choose_accel(&img, &vm.outdir)?;
     let mirror = start_mirror(vm)?;

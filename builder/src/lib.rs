@@ -16,6 +16,7 @@ pub mod gitops;
 pub mod gzcache;
 pub mod keyvault;
 pub mod lock;
+pub mod opts;
 pub mod pins;
 pub mod pipeline;
 pub mod profile;

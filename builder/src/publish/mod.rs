@@ -132,9 +132,8 @@ pub struct Args {
     /// When the bundle's read URL stops working: YYYY-MM-DD, an RFC 3339 time, or <N>d.
     #[arg(long, default_value = expiry::DEFAULT)]
     pub expires: String,
-    /// The static kiln-firstboot binary to ship (default: next to kiln, or the static build).
-    #[arg(long)]
-    pub firstboot: Option<PathBuf>,
+    #[command(flatten)]
+    pub daemon: crate::opts::DaemonOpts,
     /// Blob endpoint the VM downloads from, when it differs from the upload endpoint (a proxy,
     /// private-endpoint DNS, a QEMU guest's forwarded address), e.g. http://10.0.2.100:10000/devstoreaccount1
     #[arg(long)]
@@ -243,7 +242,7 @@ pub fn run(args: &Args) -> Result<(), BuildError> {
     if let Some(e) = &args.download_endpoint {
         account = account.with_download_endpoint(e.clone())?;
     }
-    let daemon_path = crate::elf::find_daemon(args.firstboot.as_deref())?;
+    let daemon_path = args.daemon.find()?;
     let daemon = crate::elf::load_daemon(&daemon_path)?;
     let progress = upload::progress_bar("uploading bundle");
     let p = publish_profile(&Request {
