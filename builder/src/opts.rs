@@ -36,7 +36,7 @@ pub struct MachineOpts {
     pub memory_mib: u32,
     #[arg(long, default_value_t = 2)]
     pub smp: u32,
-    /// Grow the throw-away overlay to this size first (cloud images ship small disks), e.g. 10G.
+    /// Grow the guest disk to this size first (cloud images ship small disks), e.g. 10G.
     #[arg(long)]
     pub disk_size: Option<String>,
     /// Let the guest reach the internet (upstream artifact URLs with a real cloud image).
