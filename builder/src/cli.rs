@@ -107,7 +107,7 @@ fn warn(warnings: &[String]) {
 pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
     let epoch = render::source_date_epoch()?;
     // Profile errors first: they need no daemon.
-    let (_, resolved) = pipeline::resolve(&a.profile, &resolve::process_env)?;
+    let (loaded, resolved) = pipeline::resolve(&a.profile, &resolve::process_env)?;
     if let Some(dir) = &a.gitops_checkout {
         crate::cmd_gitops::gate(&resolved, &a.profile, dir)?;
     }
@@ -116,13 +116,14 @@ pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
     let cache = if a.no_cache {
         None
     } else {
-        crate::gzcache::MemberCache::user_default()
+        crate::gzcache::Cache::user_default()
     };
-    let (_, rendered) = pipeline::build_cached(
+    let rendered = pipeline::render_resolved(
         &a.profile,
+        &loaded,
+        &resolved,
         &daemon,
         epoch,
-        &resolve::process_env,
         cache.as_ref(),
     )?;
     pipeline::write_outputs(&a.out, &rendered)?;
@@ -137,12 +138,12 @@ pub fn summary(out: &Path, r: &Rendered) -> String {
         r.plan.node.hostname,
         out.display()
     );
-    for (name, data) in &r.files {
+    for ((name, data), sum) in r.files.iter().zip(&r.sums) {
         s.push_str(&format!(
             "  {:<16} {:>9} bytes  sha256 {}\n",
             name,
             data.len(),
-            kiln_plan::Sha256::digest(data)
+            sum
         ));
     }
     if let Some(u) = &r.bundle_url {
