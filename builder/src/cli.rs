@@ -57,8 +57,8 @@ pub struct BuildArgs {
     /// Run `kiln gitops check` on this checkout first and refuse to build on findings.
     #[arg(long)]
     pub gitops_checkout: Option<PathBuf>,
-    /// Compress every bundle member again instead of reusing the member cache
-    /// (`~/.cache/kiln/gz-members`; the output bytes are the same either way).
+    /// Compress every bundle member and check the schemas again instead of reusing kiln's
+    /// cache (`~/.cache/kiln`: gz-members/, schema-ok/; the output bytes are the same either way).
     #[arg(long)]
     pub no_cache: bool,
 }
