@@ -56,8 +56,8 @@ pub struct BuildArgs {
     /// Run `kiln gitops check` on this checkout first and refuse to build on findings.
     #[arg(long)]
     pub gitops_checkout: Option<PathBuf>,
-    /// Compress every bundle member again instead of reusing the member cache
-    /// (`~/.cache/kiln/gz-members`; the output bytes are the same either way).
+    /// Compress every bundle member and check the schemas again instead of reusing kiln's
+    /// cache (`~/.cache/kiln`: gz-members/, schema-ok/; the output bytes are the same either way).
     #[arg(long)]
     pub no_cache: bool,
 }
@@ -106,7 +106,7 @@ fn warn(warnings: &[String]) {
 pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
     let epoch = render::source_date_epoch()?;
     // Profile errors first: they need no daemon.
-    let (_, resolved) = pipeline::resolve(&a.profile, &resolve::process_env)?;
+    let (loaded, resolved) = pipeline::resolve(&a.profile, &resolve::process_env)?;
     if let Some(dir) = &a.gitops_checkout {
         crate::cmd_gitops::gate(&resolved, &a.profile, dir)?;
     }
@@ -115,13 +115,14 @@ pub fn run_build(a: &BuildArgs) -> Result<(), BuildError> {
     let cache = if a.no_cache {
         None
     } else {
-        crate::gzcache::MemberCache::user_default()
+        crate::gzcache::Cache::user_default()
     };
-    let (_, rendered) = pipeline::build_cached(
+    let rendered = pipeline::render_resolved(
         &a.profile,
+        &loaded,
+        &resolved,
         &daemon,
         epoch,
-        &resolve::process_env,
         cache.as_ref(),
     )?;
     pipeline::write_outputs(&a.out, &rendered)?;
@@ -136,12 +137,12 @@ pub fn summary(out: &Path, r: &Rendered) -> String {
         r.plan.node.hostname,
         out.display()
     );
-    for (name, data) in &r.files {
+    for ((name, data), sum) in r.files.iter().zip(&r.sums) {
         s.push_str(&format!(
             "  {:<16} {:>9} bytes  sha256 {}\n",
             name,
             data.len(),
-            kiln_plan::Sha256::digest(data)
+            sum
         ));
     }
     if let Some(u) = &r.bundle_url {

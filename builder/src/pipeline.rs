@@ -4,7 +4,7 @@
 // its size on the (cold) error path does not matter.
 
 use crate::diag::ProfileError;
-use crate::gzcache::MemberCache;
+use crate::gzcache::Cache;
 use crate::profile::{self, Loaded};
 use crate::render::{self, Inputs, Rendered};
 use crate::resolve::{self, Env, Resolved};
@@ -50,17 +50,30 @@ pub fn build_cached(
     daemon: &[u8],
     epoch: u64,
     env: Env,
-    cache: Option<&MemberCache>,
+    cache: Option<&Cache>,
 ) -> Result<(Resolved, Rendered), BuildError> {
     let (loaded, resolved) = resolve(path, env)?;
+    let rendered = render_resolved(path, &loaded, &resolved, daemon, epoch, cache)?;
+    Ok((resolved, rendered))
+}
+
+/// The second half of [`build_cached`], for a caller that has resolved the profile already.
+pub fn render_resolved(
+    path: &Path,
+    loaded: &Loaded,
+    resolved: &Resolved,
+    daemon: &[u8],
+    epoch: u64,
+    cache: Option<&Cache>,
+) -> Result<Rendered, BuildError> {
     let inputs = Inputs {
         daemon,
         epoch,
         profile_name: path.display().to_string(),
         cache,
     };
-    match render::render(&resolved, &inputs) {
-        Ok(r) => Ok((resolved, r)),
+    match render::render(resolved, &inputs) {
+        Ok(r) => Ok(r),
         Err(e) => match e.downcast::<OverBudget>() {
             Ok(over) => {
                 // Point at the profile key behind the largest contributor when there is one

@@ -1,7 +1,7 @@
 //! Rendering: bundle, cloud-config (user-data), custom_data.gz, meta-data, seed.img and
 //! build.json, all in memory and deterministic. Nothing here touches the output directory.
 
-use crate::gzcache::MemberCache;
+use crate::gzcache::{self, Cache, FileSpan};
 use crate::resolve::{Delivery, Resolved};
 use crate::{seed, validate};
 use anyhow::{Context, Result};
@@ -9,6 +9,7 @@ use flate2::{Compression, GzBuilder};
 use kiln_plan::{manifests, paths, BundledManifest, Plan, Sha256};
 use serde::Serialize;
 use std::io::Write;
+use std::ops::Range;
 
 pub const USER_DATA_TEMPLATE: &str = include_str!("../templates/user-data.tera");
 pub const BOOTSTRAP_TEMPLATE: &str = include_str!("../templates/bootstrap.sh.tera");
@@ -28,6 +29,8 @@ pub const SEED_BUNDLE: &str = "bundle.tar.gz";
 /// The label NoCloud seeds carry (cloud-init also accepts lower case).
 pub const SEED_LABEL: &str = "CIDATA";
 pub const BUILD_JSON: &str = "build.json";
+/// Every output of `kiln build`, in the order `Rendered::files` holds them.
+pub const OUTPUTS: [&str; 6] = [USER_DATA, CUSTOM_DATA, META_DATA, SEED, BUNDLE, BUILD_JSON];
 
 /// Build-time inputs besides the resolved profile.
 pub struct Inputs<'a> {
@@ -37,7 +40,7 @@ pub struct Inputs<'a> {
     /// Shown in the cloud-config header and build.json (the profile path as given).
     pub profile_name: String,
     /// Compressed bundle members from earlier builds (`kiln build`); `None` compresses all.
-    pub cache: Option<&'a MemberCache>,
+    pub cache: Option<&'a Cache>,
 }
 
 #[derive(Debug)]
@@ -47,6 +50,8 @@ pub struct Rendered {
     pub bundle_url: Option<url::Url>,
     /// (name, bytes) for every output, build.json last.
     pub files: Vec<(&'static str, Vec<u8>)>,
+    /// The sha256 of each of `files`, in the same order (hashed once, shown and recorded).
+    pub sums: Vec<Sha256>,
     pub bootstrap: String,
     pub budget: validate::Budget,
     pub warnings: Vec<String>,
@@ -93,35 +98,40 @@ pub fn gzip_parallel(data: &[u8], level: Compression) -> Vec<u8> {
 }
 
 /// [`gzip_parallel`], taking each member from `cache` when it holds it (same bytes either way).
+/// `spans` says where `data` holds files of known sha256 (see [`gzcache::member_key`]).
 pub fn gzip_parallel_cached(
     data: &[u8],
     level: Compression,
-    cache: Option<&MemberCache>,
+    cache: Option<(&Cache, &[FileSpan])>,
 ) -> Vec<u8> {
-    let chunks: Vec<&[u8]> = data.chunks(BUNDLE_CHUNK).collect();
+    let chunks: Vec<Range<usize>> = (0..data.len())
+        .step_by(BUNDLE_CHUNK)
+        .map(|a| a..(a + BUNDLE_CHUNK).min(data.len()))
+        .collect();
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(chunks.len().max(1));
+    let per_thread = chunks.len().div_ceil(threads).max(1);
     let mut members: Vec<Vec<u8>> = vec![Vec::new(); chunks.len()];
     std::thread::scope(|s| {
-        for (t, slots) in members
-            .chunks_mut(chunks.len().div_ceil(threads).max(1))
-            .enumerate()
-        {
-            let first = t * chunks.len().div_ceil(threads).max(1);
-            let chunks = &chunks;
+        for (t, slots) in members.chunks_mut(per_thread).enumerate() {
+            let chunks = &chunks[t * per_thread..];
             s.spawn(move || {
-                for (i, slot) in slots.iter_mut().enumerate() {
-                    let chunk = chunks[first + i];
-                    if let Some(m) = cache.and_then(|c| c.get(chunk, level.level())) {
+                for (slot, range) in slots.iter_mut().zip(chunks) {
+                    let key = cache.map(|(c, spans)| {
+                        let k = gzcache::member_key(data, range.clone(), spans, level.level());
+                        (c, k)
+                    });
+                    if let Some(m) = key.as_ref().and_then(|(c, k)| c.get(k, level.level())) {
                         *slot = m;
                         continue;
                     }
                     let mut enc = GzBuilder::new().mtime(0).write(Vec::new(), level);
-                    enc.write_all(chunk).expect("in-memory write");
+                    enc.write_all(&data[range.clone()])
+                        .expect("in-memory write");
                     *slot = enc.finish().expect("in-memory write");
-                    if let Some(c) = cache {
-                        c.put(chunk, level.level(), slot);
+                    if let Some((c, k)) = key {
+                        c.put(&k, level.level(), slot);
                     }
                 }
             });
@@ -171,7 +181,7 @@ pub fn bundle(
     daemon: &[u8],
     manifests: &[manifests::ManifestFile],
     epoch: u64,
-    cache: Option<&MemberCache>,
+    cache: Option<&Cache>,
 ) -> Vec<u8> {
     let mut files: Vec<(String, &[u8], u32)> = vec![
         ("kiln-firstboot".into(), daemon, 0o755),
@@ -182,23 +192,33 @@ pub fn bundle(
         files.push((format!("manifests/{}", m.file), &m.bytes, 0o644));
     }
     files.sort_by(|a, b| a.0.cmp(&b.0));
+    let digests: Vec<Sha256> = files.iter().map(|(_, d, _)| Sha256::digest(d)).collect();
     let sums: String = files
         .iter()
-        .map(|(name, data, _)| format!("{}  {name}\n", Sha256::digest(data)))
+        .zip(&digests)
+        .map(|((name, _, _), sum)| format!("{sum}  {name}\n"))
         .collect();
-    // (path, Some((content, mode))) for files, None for the directory entry.
-    type Entry<'a> = (String, Option<(&'a [u8], u32)>);
+    // (path, Some((content, mode, sha256 when known))) for files, None for the directory.
+    type Entry<'a> = (String, Option<(&'a [u8], u32, Option<Sha256>)>);
     let mut entries: Vec<Entry> = files
         .iter()
-        .map(|(n, d, m)| (n.clone(), Some((*d, *m))))
+        .zip(&digests)
+        .map(|((n, d, m), sum)| (n.clone(), Some((*d, *m, Some(*sum)))))
         .collect();
-    entries.push(("SHA256SUMS".into(), Some((sums.as_bytes(), 0o644))));
+    entries.push(("SHA256SUMS".into(), Some((sums.as_bytes(), 0o644, None))));
     if !manifests.is_empty() {
         entries.push(("manifests/".into(), None));
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let mut tar = tar::Builder::new(Vec::new());
+    // Headers, data padded to 512 bytes, two zero blocks at the end.
+    let size: usize = entries
+        .iter()
+        .map(|(_, c)| 512 + c.map_or(0, |(d, _, _)| d.len().div_ceil(512) * 512))
+        .sum::<usize>()
+        + 1024;
+    let mut tar = tar::Builder::new(Vec::with_capacity(size));
+    let mut spans = Vec::new();
     for (name, content) in entries {
         let mut h = tar::Header::new_ustar();
         h.set_uid(0);
@@ -207,13 +227,20 @@ pub fn bundle(
         h.set_groupname("root").expect("short name");
         h.set_mtime(epoch);
         match content {
-            Some((data, mode)) => {
+            Some((data, mode, sum)) => {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_mode(mode);
                 h.set_size(data.len() as u64);
                 h.set_path(&name).expect("short path");
                 h.set_cksum();
+                let start = tar.get_ref().len() + 512;
                 tar.append(&h, data).expect("in-memory tar");
+                if let Some(sha256) = sum {
+                    let len = data.len();
+                    // The key describes these bytes by their digest: they must be where it says.
+                    assert!(tar.get_ref().get(start..start + len) == Some(data));
+                    spans.push(FileSpan { start, len, sha256 });
+                }
             }
             None => {
                 h.set_entry_type(tar::EntryType::Directory);
@@ -230,7 +257,7 @@ pub fn bundle(
     gzip_parallel_cached(
         &tar.into_inner().expect("in-memory tar"),
         Compression::default(),
-        cache,
+        cache.map(|c| (c, &spans[..])),
     )
 }
 
@@ -323,7 +350,7 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
     let user_data = tera(USER_DATA_TEMPLATE, &ctx)?;
     drop(ctx); // holds secret values
 
-    validate::cloud_config(&user_data)?;
+    validate::cloud_config_cached(&user_data, inputs.cache)?;
     let custom_data = gzip(user_data.as_bytes());
     let budget = validate::budget(&user_data, custom_data.len(), &resolved.delivery)?;
 
@@ -367,16 +394,25 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
         (SEED, seed),
         (BUNDLE, bundle),
     ];
+    let mut sums: Vec<Sha256> = files
+        .iter()
+        .map(|(n, d)| match *n {
+            BUNDLE => bundle_sha256,
+            _ => Sha256::digest(d),
+        })
+        .collect();
     let build_json = build_json(
         &plan,
         resolved,
         inputs,
         &files,
+        &sums,
         &bundle_sha256,
         bundle_url.as_ref(),
         &budget,
         &warnings,
     );
+    sums.push(Sha256::digest(&build_json));
     files.push((BUILD_JSON, build_json));
     let find = |n: &str| files.iter().find(|(f, _)| *f == n).map(|(_, d)| &d[..]);
     crate::secret_scan::check(
@@ -398,6 +434,7 @@ pub fn render(resolved: &Resolved, inputs: &Inputs) -> Result<Rendered> {
         bundle_sha256,
         bundle_url,
         files,
+        sums,
         bootstrap,
         budget,
         warnings,
@@ -410,6 +447,7 @@ fn build_json(
     resolved: &Resolved,
     inputs: &Inputs,
     files: &[(&'static str, Vec<u8>)],
+    sums: &[Sha256],
     bundle_sha256: &Sha256,
     bundle_url: Option<&url::Url>,
     budget: &validate::Budget,
@@ -418,7 +456,10 @@ fn build_json(
     use serde_json::json;
     let outputs: Vec<_> = files
         .iter()
-        .map(|(name, data)| json!({"name": name, "size": data.len(), "sha256": Sha256::digest(data).to_hex()}))
+        .zip(sums)
+        .map(
+            |((name, data), sum)| json!({"name": name, "size": data.len(), "sha256": sum.to_hex()}),
+        )
         .collect();
     let secrets: Vec<_> = resolved
         .secrets

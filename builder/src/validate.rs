@@ -1,6 +1,7 @@
 //! Checks on the rendered payload: cloud-init's own JSON schemas (22.4.2, the oldest cloud-init
 //! kiln supports, and 26.1, the newest on Ubuntu 22.04) and the platforms' user-data budgets.
 
+use crate::gzcache::Cache;
 use crate::render::gzip;
 use crate::resolve::Delivery;
 use anyhow::{anyhow, bail, Context, Result};
@@ -43,6 +44,44 @@ fn validators() -> &'static Vec<(&'static str, jsonschema::Validator)> {
             })
             .collect()
     })
+}
+
+/// What a [`cloud_config`] verdict depends on besides the document: the schemas, this file (the
+/// YAML-to-JSON step and the validator setup) and the exact versions of every dependency
+/// (serde_yaml, jsonschema: Cargo.lock).
+const VERDICT_INPUTS: [&str; 4] = [
+    SCHEMAS[0].1,
+    SCHEMAS[1].1,
+    include_str!("validate.rs"),
+    include_str!("../../Cargo.lock"),
+];
+
+/// The key under which a passing [`cloud_config`] of `user_data` is remembered: a digest of
+/// the document and of everything the verdict depends on, each length-prefixed.
+pub fn verdict_key(user_data: &str) -> kiln_plan::Sha256 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"kiln cloud-config schema verdict v1\0");
+    for part in VERDICT_INPUTS.iter().chain([&user_data]) {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    kiln_plan::Sha256::from_bytes(h.finalize().into())
+}
+
+/// [`cloud_config`], skipped when `cache` recorded a pass for the same inputs
+/// ([`verdict_key`]); a pass is recorded, a failure never is.
+pub fn cloud_config_cached(user_data: &str, cache: Option<&Cache>) -> Result<()> {
+    let Some(cache) = cache else {
+        return cloud_config(user_data);
+    };
+    let key = verdict_key(user_data);
+    if cache.passed(&key) {
+        return Ok(());
+    }
+    cloud_config(user_data)?;
+    cache.record_pass(&key);
+    Ok(())
 }
 
 /// Validates a `#cloud-config` document; the error names the schema and the JSON path.

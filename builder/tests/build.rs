@@ -354,6 +354,116 @@ fn building_twice_gives_identical_outputs_and_source_date_epoch_is_honoured() {
     );
 }
 
+/// `kiln build` with the cache root `cache` (`None`: `--no-cache`); the sha256 of each output.
+fn build_cached_cli(
+    profile: &Path,
+    out: &Path,
+    daemon: &Path,
+    cache: Option<&Path>,
+) -> BTreeMap<String, String> {
+    let mut cmd = Command::new(common::kiln_bin());
+    cmd.arg("build")
+        .arg(profile)
+        .arg("-o")
+        .arg(out)
+        .arg("--firstboot")
+        .arg(daemon)
+        .env_remove("SOURCE_DATE_EPOCH");
+    match cache {
+        Some(c) => cmd.env("KILN_CACHE_DIR", c),
+        None => cmd
+            .arg("--no-cache")
+            .env("KILN_CACHE_DIR", "/nonexistent/kiln-cache"),
+    };
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    OUTPUTS
+        .iter()
+        .map(|n| {
+            let sum = common::sha256_hex(&std::fs::read(out.join(n)).unwrap());
+            (n.to_string(), sum)
+        })
+        .collect()
+}
+
+fn cache_entries(dir: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(dir) {
+        Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A static ELF followed by `len` pseudo-random bytes (incompressible, several bundle chunks).
+fn big_daemon(path: &Path, len: usize, flip_at: Option<usize>) -> PathBuf {
+    let mut b = kiln::elf::tiny_static_elf();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    b.extend((0..len).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    }));
+    if let Some(i) = flip_at {
+        b[i] ^= 1;
+    }
+    std::fs::write(path, b).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn the_build_cache_never_changes_the_outputs_and_never_ships_a_stale_or_damaged_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let len = 2 * kiln::render::BUNDLE_CHUNK + 1000;
+    let a = big_daemon(&t.join("daemon-a"), len, None);
+    // One byte differs, in the second chunk of the tar: same size, same layout, other content.
+    let b = big_daemon(
+        &t.join("daemon-b"),
+        len,
+        Some(kiln::render::BUNDLE_CHUNK + 1000),
+    );
+    for name in ["ameciclo.yaml", "qemu-local.yaml"] {
+        let cache = t.join(format!("cache-{name}"));
+        let members = cache.join("gz-members");
+        let p = profile(name);
+        let build = |daemon: &Path, cache: Option<&Path>| {
+            let out = t.join("out");
+            let sums = build_cached_cli(&p, &out, daemon, cache);
+            std::fs::remove_dir_all(&out).unwrap();
+            sums
+        };
+        let ref_a = build(&a, None);
+        assert!(cache_entries(&members).is_empty());
+        assert_eq!(build(&a, Some(&cache)), ref_a, "{name}: cold cache");
+        let filled = cache_entries(&members).len();
+        assert!(filled >= 3, "{name}: {filled} members cached");
+        assert_eq!(cache_entries(&cache.join("schema-ok")).len(), 1);
+        assert_eq!(build(&a, Some(&cache)), ref_a, "{name}: warm cache");
+        assert_eq!(cache_entries(&members).len(), filled, "{name}: all hits");
+        // Another daemon: every chunk holding part of it misses (its key names its sha256).
+        let ref_b = build(&b, None);
+        assert_ne!(ref_a["bundle.tar.gz"], ref_b["bundle.tar.gz"]);
+        assert_eq!(
+            build(&b, Some(&cache)),
+            ref_b,
+            "{name}: a stale member was shipped"
+        );
+        assert!(cache_entries(&members).len() > filled);
+        // Damaged entries are recomputed, not shipped.
+        for e in cache_entries(&members) {
+            let mut d = std::fs::read(&e).unwrap();
+            let n = d.len() / 2;
+            d[n] ^= 0x40;
+            std::fs::write(&e, d).unwrap();
+        }
+        for e in cache_entries(&cache.join("schema-ok")) {
+            std::fs::write(&e, b"damaged").unwrap();
+        }
+        assert_eq!(build(&a, Some(&cache)), ref_a, "{name}: damaged cache");
+        assert_eq!(build(&a, Some(&cache)), ref_a, "{name}: rewritten cache");
+    }
+}
+
 #[test]
 fn bundle_is_sorted_owned_by_root_and_checksummed() {
     let r = render("ameciclo.yaml", 0);
