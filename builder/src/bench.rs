@@ -53,7 +53,7 @@ fn time_rounds(cmds: &mut [Timed], runs: usize) -> Result<Vec<Vec<Duration>>> {
 pub fn run(a: &Args) -> Result<()> {
     let profile = match &a.profile {
         Some(p) => p.clone(),
-        None => crate::cli::repo_path("profiles/ameciclo.yaml")?,
+        None => repo_path("profiles/ameciclo.yaml")?,
     };
     let runs = a.runs.max(3);
     let exe = std::env::current_exe().context("locating kiln")?;
@@ -170,4 +170,11 @@ fn which(cmd: &str) -> Result<PathBuf> {
     bail!(
         "{cmd} not found on PATH (Debian package cloud-image-utils; .ci/install-deps installs it)"
     )
+}
+
+/// A path inside the source checkout kiln was built from (the default profile).
+fn repo_path(rel: &str) -> Result<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+    p.canonicalize()
+        .with_context(|| format!("cannot find {}", p.display()))
 }

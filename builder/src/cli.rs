@@ -4,7 +4,7 @@ use crate::pipeline::{self, BuildError};
 use crate::render::{self, Rendered};
 use crate::resolve::{self, Delivery, Resolved};
 use crate::{bench, cmd_qemu, elf};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use kiln_plan::{Role, StepId};
 use std::path::{Path, PathBuf};
@@ -290,12 +290,4 @@ pub fn describe(r: &Resolved) -> String {
         ));
     }
     s
-}
-
-/// Reads a profile path given relative to the repository (used by bench and tests).
-pub fn repo_path(rel: &str) -> Result<PathBuf> {
-    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let p = base.join(rel);
-    p.canonicalize()
-        .with_context(|| format!("cannot find {}", p.display()))
 }
