@@ -156,6 +156,19 @@ impl Checkout {
     }
 }
 
+/// Where the daemon comes from: `--firstboot PATH`, else [`locate`] (next
+/// to `kiln`, the source checkout's static build, built on first use, or the static build
+/// directory beside kiln's own).
+pub fn find_daemon(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("cannot locate the running kiln executable")?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let checkout = Checkout::of_this_build();
+    locate(dir, checkout.as_ref(), &|c| c.build())
+}
+
 /// The daemon lookup (without `--firstboot`), in order:
 /// 1. a static `kiln-firstboot` next to `kiln` (a packaged install);
 /// 2. in a source checkout: its static build, run through `build` first when it is missing or

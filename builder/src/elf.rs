@@ -2,7 +2,7 @@
 //! runs on a node whose libc kiln does not control, so a dynamically linked daemon is refused.
 
 use anyhow::{Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const PT_INTERP: u32 = 3;
 const PT_DYNAMIC: u32 = 2;
@@ -60,19 +60,6 @@ fn u32le(b: &[u8], at: usize) -> u32 {
 }
 fn u64le(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// Where the daemon comes from: `--firstboot PATH`, else [`crate::daemon_build::locate`] (next
-/// to `kiln`, the source checkout's static build, built on first use, or the static build
-/// directory beside kiln's own).
-pub fn find_daemon(explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
-    }
-    let exe = std::env::current_exe().context("cannot locate the running kiln executable")?;
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    let checkout = crate::daemon_build::Checkout::of_this_build();
-    crate::daemon_build::locate(dir, checkout.as_ref(), &|c| c.build())
 }
 
 /// A readable static ELF at `p`.

@@ -143,6 +143,17 @@ pub fn cache_root() -> Option<PathBuf> {
         .or_else(|| var("HOME").map(|d| d.join(".cache/kiln")))
 }
 
+/// One deterministic gzip member of `data` at the best level (the custom data, small files):
+/// mtime 0 and no file name, so the same input always gives the same bytes.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), flate2::Compression::best());
+    enc.write_all(data).expect("in-memory write");
+    enc.finish().expect("in-memory write")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

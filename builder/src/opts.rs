@@ -19,7 +19,7 @@ pub struct DaemonOpts {
 impl DaemonOpts {
     /// The daemon to bundle: `--firstboot`, else found or built as `kiln build` does.
     pub fn find(&self) -> Result<PathBuf> {
-        crate::elf::find_daemon(self.firstboot.as_deref())
+        crate::daemon_build::find_daemon(self.firstboot.as_deref())
     }
 }
 

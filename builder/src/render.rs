@@ -1,7 +1,7 @@
 //! Rendering: bundle, cloud-config (user-data), custom_data.gz, meta-data, seed.img and
 //! build.json, all in memory and deterministic. Nothing here touches the output directory.
 
-use crate::gzcache::{self, Cache, FileSpan};
+use crate::gzcache::{self, gzip, Cache, FileSpan};
 use crate::resolve::{Delivery, Resolved};
 use crate::{seed, validate};
 use anyhow::{Context, Result};
@@ -77,15 +77,6 @@ pub fn source_date_epoch() -> Result<u64> {
             .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
         Err(_) => Ok(0),
     }
-}
-
-pub fn gzip(data: &[u8]) -> Vec<u8> {
-    // mtime 0 and no file name: the same input always gives the same bytes.
-    let mut enc = GzBuilder::new()
-        .mtime(0)
-        .write(Vec::new(), Compression::best());
-    enc.write_all(data).expect("in-memory write");
-    enc.finish().expect("in-memory write")
 }
 
 /// Bundle compression: independent gzip members of fixed-size chunks, compressed in parallel

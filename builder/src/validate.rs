@@ -1,8 +1,7 @@
 //! Checks on the rendered payload: cloud-init's own JSON schemas (22.4.2, the oldest cloud-init
 //! kiln supports, and 26.1, the newest on Ubuntu 22.04) and the platforms' user-data budgets.
 
-use crate::gzcache::Cache;
-use crate::render::gzip;
+use crate::gzcache::{gzip, Cache};
 use crate::resolve::Delivery;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
