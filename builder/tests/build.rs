@@ -239,14 +239,14 @@ fn qemu_local_builds_a_seed_that_carries_the_bundle_beside_the_cloud_config() {
         )
     );
     assert_eq!(
-        r.plan.argocd.manifest.url.as_str(),
+        r.plan.argocd().unwrap().manifest.url.as_str(),
         format!(
             "http://10.0.2.100/{}",
             pins["argocd"]["url-path"].as_str().unwrap()
         )
     );
     assert_eq!(
-        r.plan.argocd.manifest.pin.to_string(),
+        r.plan.argocd().unwrap().manifest.pin.to_string(),
         format!(
             "sha256:{} ({} bytes)",
             pins["argocd"]["sha256"].as_str().unwrap(),
@@ -255,10 +255,10 @@ fn qemu_local_builds_a_seed_that_carries_the_bundle_beside_the_cloud_config() {
     );
     // Inherited from ameciclo.yaml through extends:
     assert_eq!(
-        r.plan.gitops.repo_url.as_str(),
+        r.plan.gitops().unwrap().repo_url.as_str(),
         "https://github.com/ameciclo/groundwork.git"
     );
-    assert_eq!(r.plan.gitops.path, "azure/kubernetes");
+    assert_eq!(r.plan.gitops().unwrap().path, "azure/kubernetes");
     assert_eq!(ud["locale"], "C.UTF-8");
 }
 

@@ -359,7 +359,7 @@ impl Step for TailscaleStep {
 // ---- the Kubernetes operator ---------------------------------------------------------------
 
 fn oauth_manifest(cx: &Cx) -> Result<Vec<u8>> {
-    let secret = cx.read_secret(&cx.plan.tailscale.operator.oauth_client_secret_file)?;
+    let secret = cx.read_secret(&cx.plan.operator()?.oauth_client_secret_file)?;
     Ok(manifests::tailscale_oauth_secret(cx.plan, &secret))
 }
 
@@ -375,7 +375,7 @@ fn chart_path(name: &str) -> String {
 
 /// The pinned chart archive, when the plan has one, is in K3s's static charts dir.
 fn chart_current(cx: &Cx) -> Result<bool> {
-    let Some(chart) = &cx.plan.tailscale.operator.chart_archive else {
+    let Some(chart) = &cx.plan.operator()?.chart_archive else {
         return Ok(true);
     };
     let p = cx.root.path(chart_path(&chart.name));
@@ -408,7 +408,7 @@ impl Step for TailscaleOperatorStep {
             write_atomic(&cx.root.path(&path), &secret, 0o600)?;
         }
         // The archive before the HelmChart that points at it.
-        if let Some(chart) = &cx.plan.tailscale.operator.chart_archive {
+        if let Some(chart) = &cx.plan.operator()?.chart_archive {
             cx.fetcher.install(chart, &chart_path(&chart.name), 0o644)?;
         }
         k3s::install_bundled(cx, StepId::TailscaleOperator)?;

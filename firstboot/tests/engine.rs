@@ -369,7 +369,7 @@ fn tampered_bundle_is_refused_before_any_step_runs() {
     // Manifest restored, but the plan on the node differs from the bundle's.
     std::fs::write(dir.join("manifests/x.yaml"), b"kind: X\n").unwrap();
     let mut other = plan.clone();
-    other.gitops.path = "somewhere/else".into();
+    other.gitops.as_mut().unwrap().path = "somewhere/else".into();
     write_atomic(&w.root.path("/etc/kiln/plan.json"), &other.to_json(), 0o644).unwrap();
     let (o, _) = w.run(&w.steps(&[]), vec![]);
     assert!(

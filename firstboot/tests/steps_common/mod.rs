@@ -105,7 +105,7 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
             hostname: "ameciclo".into(),
             tags: vec!["tag:k8s".into()],
             auth_key_file: Some(AUTH_KEY_FILE.into()),
-            operator: TailscaleOperator {
+            operator: Some(TailscaleOperator {
                 chart_repo: Url::parse("https://pkgs.tailscale.com/helmcharts").unwrap(),
                 chart_version: "1.102.3".into(),
                 namespace: "tailscale".into(),
@@ -114,18 +114,18 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
                 ingress_class: "tailscale".into(),
                 hostname: "ameciclo-operator".into(),
                 chart_archive: None,
-            },
+            }),
             api: None,
             login_server: None,
         },
-        argocd: ArgoCd {
+        argocd: Some(ArgoCd {
             version: "v3.4.7".parse().unwrap(),
             manifest: artifact(&base, pins, "argocd", "argocd-v3.4.7-install.yaml"),
             namespace: "argocd".into(),
             ingress_host: "argocd".into(),
             ingress_class: "tailscale".into(),
-        },
-        gitops: GitOps {
+        }),
+        gitops: Some(GitOps {
             app_name: "root".into(),
             repo_url: Url::parse("https://github.com/ameciclo/groundwork.git").unwrap(),
             revision: "HEAD".into(),
@@ -139,7 +139,7 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
                 recurse: true,
                 ..Default::default()
             }),
-        },
+        }),
         manifests: Vec::new(),
         deadlines: StepId::ALL.iter().map(|s| (*s, 90)).collect(),
         key_vault: None,
