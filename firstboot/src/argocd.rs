@@ -402,9 +402,21 @@ impl Step for VerifyStep {
         StepId::Verify
     }
     fn check(&self, cx: &mut Cx) -> Result<bool> {
-        Ok(probe(cx).map(|o| o.is_some()).unwrap_or(false))
+        let probed = if cx.plan.is_agent() {
+            crate::k3s_agent::probe(cx)
+        } else {
+            probe(cx)
+        };
+        Ok(probed.map(|o| o.is_some()).unwrap_or(false))
     }
     fn apply(&self, cx: &mut Cx) -> Result<()> {
+        if cx.plan.is_agent() {
+            return cx.wait_for(
+                "the K3s agent to run, joined, on the tailnet",
+                Duration::from_secs(1),
+                || crate::k3s_agent::probe(cx),
+            );
+        }
         cx.wait_for(
             "the node to be Ready with every manifest applied",
             Duration::from_secs(1),
@@ -412,6 +424,10 @@ impl Step for VerifyStep {
         )
     }
     fn verify(&self, cx: &mut Cx) -> Result<()> {
+        // An agent runs no Argo CD: its own unit, registration and tailnet are all it has.
+        if cx.plan.is_agent() {
+            return crate::k3s_agent::probe(cx).map(|_| ());
+        }
         // Argo CD's view of the root Application, recorded. An unreachable repository or an
         // Argo CD still pulling images is only recorded; a problem in the repository's content
         // (a file Argo CD cannot unmarshal, a kind the cluster does not serve) fails the step

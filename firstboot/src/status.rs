@@ -155,6 +155,7 @@ impl Status {
             let mark = match r.state {
                 StepState::Done => "✔",
                 StepState::Skipped => "✔",
+                StepState::NotApplicable => "–",
                 StepState::Failed => "✘",
                 StepState::Running => "…",
                 StepState::Pending => " ",

@@ -253,6 +253,10 @@ impl Step for TailscaleStep {
         if st.backend_state != "Running" || auth_key_present(cx) || !facts_match(cx, &st) {
             return Ok(false);
         }
+        // On an agent K3s comes after this step, and its k3s step writes the tailnet address.
+        if cx.plan.is_agent() {
+            return Ok(true);
+        }
         k3s::config_current(cx)
     }
 
@@ -341,8 +345,11 @@ impl Step for TailscaleStep {
                 Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
             }
         }
-        // K3s's serving certificate should also be valid for the node's tailnet name.
-        k3s::reconcile_config(cx)?;
+        // K3s's serving certificate should also be valid for the node's tailnet name (a
+        // server's; an agent's K3s starts after this step, with the tailnet address).
+        if !cx.plan.is_agent() {
+            k3s::reconcile_config(cx)?;
+        }
         Ok(())
     }
 

@@ -148,6 +148,38 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
     plan
 }
 
+/// A K3s agent's plan as the builder resolves `tests/profiles/good/agent-base.yaml`-like
+/// profiles: the server's artifacts, `k3s agent` config joining `server`, no server sections.
+#[allow(dead_code)]
+pub fn agent_plan(base: &str, pins: &Value, server: &str) -> Plan {
+    let mut plan = plan(base, pins);
+    let server = Url::parse(server).unwrap();
+    plan.node.hostname = "ameciclo-agent".into();
+    plan.tailscale.hostname = "ameciclo-agent".into();
+    plan.node.role = Role::Agent {
+        server: server.clone(),
+        token_file: AGENT_TOKEN_FILE.into(),
+    };
+    plan.k3s.config = BTreeMap::from([
+        ("flannel-iface".into(), serde_json::json!("tailscale0")),
+        ("node-name".into(), serde_json::json!("ameciclo-agent")),
+        (
+            "server".into(),
+            serde_json::json!(server.as_str().trim_end_matches('/')),
+        ),
+        ("token-file".into(), serde_json::json!(AGENT_TOKEN_FILE)),
+    ]);
+    plan.tailscale.operator = None;
+    plan.argocd = None;
+    plan.gitops = None;
+    pin_manifests(&mut plan);
+    plan
+}
+
+/// Where the builder puts an agent's join token (builder/src/resolve.rs).
+#[allow(dead_code)]
+pub const AGENT_TOKEN_FILE: &str = "/etc/kiln/secrets/k3s-token";
+
 /// Pins the bundled manifests as the builder does (again after a tweak that changes them).
 #[allow(dead_code)]
 pub fn pin_manifests(plan: &mut Plan) {
