@@ -153,6 +153,13 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
 #[allow(dead_code)]
 pub fn agent_plan(base: &str, pins: &Value, server: &str) -> Plan {
     let mut plan = plan(base, pins);
+    to_agent(&mut plan, server);
+    plan
+}
+
+/// Turns the reference server plan into an agent's joining `server`.
+#[allow(dead_code)]
+pub fn to_agent(plan: &mut Plan, server: &str) {
     let server = Url::parse(server).unwrap();
     plan.node.hostname = "ameciclo-agent".into();
     plan.tailscale.hostname = "ameciclo-agent".into();
@@ -172,8 +179,7 @@ pub fn agent_plan(base: &str, pins: &Value, server: &str) -> Plan {
     plan.tailscale.operator = None;
     plan.argocd = None;
     plan.gitops = None;
-    pin_manifests(&mut plan);
-    plan
+    pin_manifests(plan);
 }
 
 /// Where the builder puts an agent's join token (builder/src/resolve.rs).
@@ -264,6 +270,7 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         // The stand-in servers run detached; stop them so no test leaves processes behind.
         let _ = self.systemctl(&["stop", "k3s.service", "tailscaled.service"]);
+        let _ = self.systemctl(&["stop", "k3s-agent.service"]);
     }
 }
 
