@@ -131,12 +131,14 @@ pub struct K3sSpec {
     /// Exact length of the binary in bytes.
     #[serde(default)]
     pub size: Option<u64>,
-    #[serde(default = "default_disable")]
-    pub disable: Vec<String>,
-    #[serde(default = "yes")]
-    pub secrets_encryption: bool,
-    #[serde(default = "default_kubeconfig_mode")]
-    pub write_kubeconfig_mode: String,
+    /// Server settings, with defaults a server gets when they are absent (`None`: not set, so
+    /// an agent, which has none of them, can tell them from defaults).
+    #[serde(default)]
+    pub disable: Option<Vec<String>>,
+    #[serde(default)]
+    pub secrets_encryption: Option<bool>,
+    #[serde(default)]
+    pub write_kubeconfig_mode: Option<String>,
     /// Extra `/etc/rancher/k3s/config.yaml` keys, checked against the allowed server flags.
     #[serde(default)]
     pub config: BTreeMap<String, serde_json::Value>,
@@ -163,15 +165,21 @@ pub const DEFAULT_K3S_VERSION: &str = "v1.32.4+k3s1";
 fn default_k3s_version() -> Version {
     DEFAULT_K3S_VERSION.parse().expect("valid default")
 }
-fn default_disable() -> Vec<String> {
-    vec!["traefik".into(), "servicelb".into()]
-}
-fn yes() -> bool {
-    true
-}
-/// The kubeconfig holds cluster-admin credentials and only root (the daemon) reads it.
-fn default_kubeconfig_mode() -> String {
-    "0600".into()
+impl K3sSpec {
+    pub fn disable(&self) -> Vec<String> {
+        self.disable
+            .clone()
+            .unwrap_or_else(|| vec!["traefik".into(), "servicelb".into()])
+    }
+    pub fn secrets_encryption(&self) -> bool {
+        self.secrets_encryption.unwrap_or(true)
+    }
+    /// The kubeconfig holds cluster-admin credentials and only root (the daemon) reads it.
+    pub fn write_kubeconfig_mode(&self) -> String {
+        self.write_kubeconfig_mode
+            .clone()
+            .unwrap_or_else(|| "0600".into())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

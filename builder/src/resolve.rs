@@ -270,7 +270,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             ),
         ));
     }
-    for (i, item) in k.disable.iter().enumerate() {
+    for (i, item) in k.disable().iter().enumerate() {
         if !k3s_config::DISABLE_ITEMS.contains(&item.as_str()) {
             let mut path = key_path(&["k3s", "disable"]);
             path.push(Seg::Index(i));
@@ -284,19 +284,23 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             ));
         }
     }
-    if !matches!(k.write_kubeconfig_mode.as_str(), "0600" | "0640" | "0644") {
+    if !matches!(k.write_kubeconfig_mode().as_str(), "0600" | "0640" | "0644") {
         return Err(s.error(
             &key_path(&["k3s", "write-kubeconfig-mode"]),
             false,
             format!(
                 "write-kubeconfig-mode must be \"0600\", \"0640\" or \"0644\", got {:?}",
-                k.write_kubeconfig_mode
+                k.write_kubeconfig_mode()
             ),
         ));
     }
     let agent = matches!(role, Role::Agent { .. });
     let mut config: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     for (key, value) in &k.config {
+        // `key: null` removes a base's key (docs/profile.md, extends).
+        if value.is_null() {
+            continue;
+        }
         let checked = if agent {
             k3s_config::check_agent(key, value)
         } else {
@@ -328,10 +332,10 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         Role::Server => {
             config.insert(
                 "write-kubeconfig-mode".into(),
-                k.write_kubeconfig_mode.clone().into(),
+                k.write_kubeconfig_mode().into(),
             );
-            config.insert("disable".into(), serde_json::json!(k.disable));
-            config.insert("secrets-encryption".into(), k.secrets_encryption.into());
+            config.insert("disable".into(), serde_json::json!(k.disable()));
+            config.insert("secrets-encryption".into(), k.secrets_encryption().into());
             if let Some(r) = &k.agent_token {
                 take_secret(
                     s,
@@ -344,7 +348,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
                 )?;
                 config.insert("agent-token-file".into(), K3S_AGENT_TOKEN_FILE.into());
             }
-            if !k.secrets_encryption {
+            if !k.secrets_encryption() {
                 warnings.push(
                     "k3s.secrets-encryption is off: Secrets are stored unencrypted in the datastore"
                         .into(),

@@ -65,17 +65,17 @@ pub fn check_sections(s: &Sources, p: &Profile) -> Result<(), ProfileError> {
         ),
         (
             &["k3s", "disable"],
-            s.index.contains_key(&key_path(&["k3s", "disable"])),
+            p.k3s.disable.is_some(),
             "packaged components are deployed by the server (`k3s server --disable`)",
         ),
         (
             &["k3s", "secrets-encryption"],
-            s.index.contains_key(&key_path(&["k3s", "secrets-encryption"])),
+            p.k3s.secrets_encryption.is_some(),
             "the datastore (and its encryption) is the server's",
         ),
         (
             &["k3s", "write-kubeconfig-mode"],
-            s.index.contains_key(&key_path(&["k3s", "write-kubeconfig-mode"])),
+            p.k3s.write_kubeconfig_mode.is_some(),
             "an agent writes no admin kubeconfig",
         ),
     ];

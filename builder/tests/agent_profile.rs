@@ -179,3 +179,63 @@ fn an_agent_profile_builds_a_payload_and_bundle_without_server_manifests() {
         .unwrap();
     assert!(out.0.plan.manifests.is_empty());
 }
+
+#[test]
+fn the_ameciclo_agent_example_extends_the_server_profile_and_joins_it_by_its_tailnet_name() {
+    let server = resolve(&common::repo().join("profiles/ameciclo.yaml"));
+    let r = resolve(&common::repo().join("profiles/ameciclo-agent.yaml"));
+    let p = &r.plan;
+    assert_eq!(p.node.hostname, "ameciclo-agent-1");
+    assert_eq!(p.tailscale.hostname, "ameciclo-agent-1");
+    let Role::Agent {
+        server: url,
+        token_file,
+    } = &p.node.role
+    else {
+        panic!("not an agent")
+    };
+    assert_eq!(url.as_str(), "https://ameciclo-k3s:6443/");
+    // The server's certificate carries the name the agent joins by.
+    assert!(
+        server.plan.k3s.config["tls-san"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("ameciclo-k3s")),
+        "{:?}",
+        server.plan.k3s.config
+    );
+    // Both read the same agent token from Key Vault: the server as agent-token-file, the
+    // agent as its token-file. Nothing is read at build time.
+    assert_eq!(
+        server.plan.k3s.config["agent-token-file"],
+        "/etc/kiln/secrets/k3s-agent-token"
+    );
+    let vault = |r: &Resolved| -> Vec<(String, String)> {
+        r.plan
+            .key_vault
+            .iter()
+            .flat_map(|kv| &kv.secrets)
+            .map(|v| (v.file.clone(), v.secret.clone()))
+            .collect()
+    };
+    assert!(vault(&server).contains(&(
+        "/etc/kiln/secrets/k3s-agent-token".into(),
+        "k3s-agent-token".into()
+    )));
+    let agent_vault = vault(&r);
+    assert!(agent_vault.contains(&(token_file.clone(), "k3s-agent-token".into())));
+    assert!(agent_vault.iter().all(|(f, _)| !f.contains("oauth")));
+    assert!(r.secrets.is_empty());
+    // Same pins as the server (the shared base), agent flags only, no server sections.
+    assert_eq!(p.k3s.binary, server.plan.k3s.binary);
+    assert_eq!(p.tailscale.tarball, server.plan.tailscale.tarball);
+    let real = real_agent_flags();
+    for k in p.k3s.config.keys() {
+        assert!(real.contains(k), "{k}");
+    }
+    assert_eq!(
+        p.k3s.config["node-label"],
+        serde_json::json!(["ameciclo.org/pool=general"])
+    );
+    assert!(p.argocd.is_none() && p.gitops.is_none() && p.tailscale.operator.is_none());
+}

@@ -395,6 +395,11 @@ impl Step for K3sStep {
     }
 
     fn apply(&self, cx: &mut Cx) -> Result<()> {
+        // K3s reads its token files itself: one kept in Key Vault is fetched now, before K3s
+        // starts (the daemon never reads it otherwise).
+        for f in token_files(cx.plan) {
+            crate::keyvault::ensure(cx, &f)?;
+        }
         let k3s = &cx.plan.k3s;
         // A verified copy in the cache was cross-checked when it got there (by this step or by
         // `kiln-firstboot stage` on a baked image): a baked or air-gapped node must not need
@@ -442,6 +447,18 @@ impl Step for K3sStep {
             wait_ready(cx)
         }
     }
+}
+
+/// The secret files K3s itself reads: an agent's `token-file`, a server's `agent-token-file`.
+pub fn token_files(plan: &Plan) -> Vec<String> {
+    let mut v = Vec::new();
+    if let kiln_plan::Role::Agent { token_file, .. } = &plan.node.role {
+        v.push(token_file.clone());
+    }
+    if let Some(Value::String(f)) = plan.k3s.config.get("agent-token-file") {
+        v.push(f.clone());
+    }
+    v
 }
 
 fn image_path(name: &str) -> String {

@@ -107,3 +107,18 @@ fn the_agent_unit_runs_k3s_agent_under_its_own_name() {
     let server = steps_common::plan("http://127.0.0.1:9/", &pins());
     assert_eq!(k3s::units(&server).unit, "k3s.service");
 }
+
+#[test]
+fn the_token_files_k3s_reads_itself_are_the_ones_the_k3s_step_fetches_from_key_vault() {
+    assert_eq!(k3s::token_files(&agent()), ["/etc/kiln/secrets/k3s-token"]);
+    let mut server = steps_common::plan("http://127.0.0.1:9/", &pins());
+    assert!(k3s::token_files(&server).is_empty());
+    server.k3s.config.insert(
+        "agent-token-file".into(),
+        serde_json::json!("/etc/kiln/secrets/k3s-agent-token"),
+    );
+    assert_eq!(
+        k3s::token_files(&server),
+        ["/etc/kiln/secrets/k3s-agent-token"]
+    );
+}
