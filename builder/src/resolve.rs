@@ -336,6 +336,25 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             );
             config.insert("disable".into(), serde_json::json!(k.disable()));
             config.insert("secrets-encryption".into(), k.secrets_encryption().into());
+            // Agents join by the server's tailnet name (`server: NAME` → https://NAME:6443), so
+            // its certificate must carry it from the start; the MagicDNS name and the 100.x
+            // address are added on the node once Tailscale knows them.
+            let ts_name = p
+                .tailscale
+                .hostname
+                .clone()
+                .unwrap_or_else(|| p.node.hostname.clone());
+            let san = config
+                .entry("tls-san".to_string())
+                .or_insert_with(|| serde_json::json!([]));
+            if let serde_json::Value::String(one) = san {
+                *san = serde_json::json!([one.clone()]);
+            }
+            if let serde_json::Value::Array(list) = san {
+                if !list.contains(&serde_json::json!(ts_name)) {
+                    list.push(serde_json::json!(ts_name));
+                }
+            }
             if let Some(r) = &k.agent_token {
                 take_secret(
                     s,

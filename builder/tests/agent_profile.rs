@@ -150,6 +150,17 @@ fn a_server_with_an_agent_token_gets_agent_token_file_and_a_0600_secret() {
 }
 
 #[test]
+fn a_servers_tls_san_carries_its_tailnet_name_for_agents_joining_by_it() {
+    let r = resolve(&common::repo().join("tests/profiles/good/base.yaml"));
+    assert_eq!(
+        r.plan.k3s.config["tls-san"],
+        serde_json::json!(["test-node"])
+    );
+    let agent = resolve(&agent_base());
+    assert!(!agent.plan.k3s.config.contains_key("tls-san"));
+}
+
+#[test]
 fn kiln_plan_of_an_agent_lists_the_server_steps_as_not_applicable() {
     let o = Command::new(common::kiln_bin())
         .arg("plan")

@@ -112,8 +112,8 @@ fn extends_merges_mappings_replaces_lists_and_later_files_win() {
     );
     assert_eq!(
         c["tls-san"],
-        serde_json::json!(["a", "b"]),
-        "mappings merge"
+        serde_json::json!(["a", "b", "test-node"]),
+        "mappings merge (and a server's tls-san gets its tailnet name)"
     );
     assert_eq!(c["cluster-init"], serde_json::json!(true));
     assert_eq!(r.cloud.timezone, "America/Recife");
