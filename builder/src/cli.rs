@@ -188,7 +188,7 @@ pub fn describe(r: &Resolved) -> String {
         p.node.hostname,
         match &p.node.role {
             Role::Server => "K3s server".to_string(),
-            Role::Agent { server_url, .. } => format!("K3s agent of {server_url}"),
+            Role::Agent { server, .. } => format!("K3s agent of {server}"),
         }
     ));
     line("cloud-init (first boot):".into());
@@ -233,61 +233,73 @@ pub fn describe(r: &Resolved) -> String {
             ""
         }
     ));
-    for step in StepId::ALL {
+    for (i, step) in p.step_order().into_iter().enumerate() {
         let d = p.deadline(step).as_secs();
-        let what = match step {
-            StepId::K3s => format!(
-                "install K3s {} from {} (pin {}), write {} {}, start k3s and wait until the node is Ready",
-                p.k3s.version,
-                p.k3s.binary.url,
-                p.k3s.binary.pin,
-                kiln_plan::paths::K3S_CONFIG,
-                serde_json::to_string(&p.k3s.config).unwrap_or_default()
-            ),
-            StepId::Tailscale => format!(
-                "install Tailscale {} from {} (pin {}), join the tailnet as {}{} with the auth key <redacted>",
-                p.tailscale.version,
-                p.tailscale.tarball.url,
-                p.tailscale.tarball.pin,
-                p.tailscale.hostname,
-                if p.tailscale.tags.is_empty() { String::new() } else { format!(" tagged {}", p.tailscale.tags.join(",")) }
-            ),
-            StepId::TailscaleOperator => format!(
+        let what = describe_step(p, step);
+        line(format!("  {}. {step} (deadline {d}s): {what}", i + 1));
+    }
+    s
+}
+
+/// One line of `kiln plan` per step: what the node will do.
+fn describe_step(p: &kiln_plan::Plan, step: StepId) -> String {
+    if !p.applies(step) {
+        return "not applicable: a server step, and this node is a K3s agent".into();
+    }
+    let na = || "not applicable".to_string();
+    match step {
+        StepId::K3s => format!(
+            "install K3s {} from {} (pin {}), write {} {}, {}",
+            p.k3s.version,
+            p.k3s.binary.url,
+            p.k3s.binary.pin,
+            kiln_plan::paths::K3S_CONFIG,
+            serde_json::to_string(&p.k3s.config).unwrap_or_default(),
+            match &p.node.role {
+                Role::Server => "start k3s and wait until the node is Ready".to_string(),
+                Role::Agent { server, .. } => format!(
+                    "add node-ip = the tailnet address, start k3s-agent joining {server} over the tailnet"
+                ),
+            }
+        ),
+        StepId::Tailscale => format!(
+            "install Tailscale {} from {} (pin {}), join the tailnet as {}{} with the auth key <redacted>",
+            p.tailscale.version,
+            p.tailscale.tarball.url,
+            p.tailscale.tarball.pin,
+            p.tailscale.hostname,
+            if p.tailscale.tags.is_empty() { String::new() } else { format!(" tagged {}", p.tailscale.tags.join(",")) }
+        ),
+        StepId::TailscaleOperator => match p.operator() {
+            Ok(o) => format!(
                 "install the tailscale-operator chart {} from {} into namespace {} (OAuth client {}, secret <redacted>), ingress class {}, device {}",
-                p.tailscale.operator.chart_version,
-                p.tailscale.operator.chart_repo,
-                p.tailscale.operator.namespace,
-                p.tailscale.operator.oauth_client_id,
-                p.tailscale.operator.ingress_class,
-                p.tailscale.operator.hostname
+                o.chart_version, o.chart_repo, o.namespace, o.oauth_client_id, o.ingress_class, o.hostname
             ),
-            StepId::Argocd => format!(
+            Err(_) => na(),
+        },
+        StepId::Argocd => match p.argocd() {
+            Ok(a) => format!(
                 "install Argo CD {} from {} (pin {}) into namespace {}, expose argocd-server on the tailnet as {} (ingress class {})",
-                p.argocd.version,
-                p.argocd.manifest.url,
-                p.argocd.manifest.pin,
-                p.argocd.namespace,
-                p.argocd.ingress_host,
-                p.argocd.ingress_class
+                a.version, a.manifest.url, a.manifest.pin, a.namespace, a.ingress_host, a.ingress_class
             ),
-            StepId::Gitops => format!(
+            Err(_) => na(),
+        },
+        StepId::Gitops => match p.gitops() {
+            Ok(g) => format!(
                 "create the root Application {} for {} at {} path {} ({}){} (automated sync, prune, self-heal)",
-                p.gitops.app_name,
-                p.gitops.repo_url,
-                p.gitops.revision,
-                p.gitops.path,
-                serde_json::to_string(&p.gitops.source).unwrap_or_default(),
-                match &p.gitops.credentials {
+                g.app_name,
+                g.repo_url,
+                g.revision,
+                g.path,
+                serde_json::to_string(&g.source).unwrap_or_default(),
+                match &g.credentials {
                     Some(c) => format!(", repository credentials {} / <redacted>", c.username),
                     None => String::new(),
                 }
             ),
-            StepId::Verify => "check node Ready, every manifest applied, Helm installs complete, root Application present; report sync/health".into(),
-        };
-        line(format!(
-            "  {}. {step} (deadline {d}s): {what}",
-            step as usize + 1
-        ));
+            Err(_) => na(),
+        },
+        StepId::Verify if p.is_agent() => "check the k3s-agent unit is running, the kubelet registered with the server, and the node is Running on the tailnet".into(),
+        StepId::Verify => "check node Ready, every manifest applied, Helm installs complete, root Application present; report sync/health".into(),
     }
-    s
 }

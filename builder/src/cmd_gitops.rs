@@ -39,15 +39,20 @@ pub enum Format {
 }
 
 /// The root Application as the profile resolves it.
-pub fn root(r: &Resolved, profile: &Path) -> Root {
-    let g = &r.plan.gitops;
-    Root {
+pub fn root(r: &Resolved, profile: &Path) -> anyhow::Result<Root> {
+    let g = r.plan.gitops().map_err(|_| {
+        anyhow::anyhow!(
+            "{} is an agent's profile: agents have no GitOps repository (it is the server's)",
+            profile.display()
+        )
+    })?;
+    Ok(Root {
         name: g.app_name.clone(),
         repo_url: g.repo_url.to_string(),
         path: g.path.clone(),
         source: g.source.clone(),
         defined_in: format!("{} (argocd.gitops)", profile.display()),
-    }
+    })
 }
 
 /// Runs the check of `checkout` for a resolved profile.
@@ -55,7 +60,7 @@ pub fn check(r: &Resolved, profile: &Path, checkout: &Path) -> anyhow::Result<Re
     if !checkout.is_dir() {
         anyhow::bail!("--checkout {}: not a directory", checkout.display());
     }
-    gitops::check(checkout, &root(r, profile))
+    gitops::check(checkout, &root(r, profile)?)
         .with_context(|| format!("reading the checkout {}", checkout.display()))
 }
 

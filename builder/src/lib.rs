@@ -25,6 +25,7 @@ pub mod publish;
 pub mod render;
 pub mod resolve;
 pub mod resolve_gitops;
+pub mod resolve_role;
 pub mod secret_scan;
 pub mod seed;
 pub mod source;

@@ -197,7 +197,7 @@ pub fn targets(p: &Profile) -> Vec<Target> {
         sha512: is_sha512(t.digest),
     });
     out.extend(chart_target(p, mirror.as_ref()));
-    out.push(argocd_target(p, mirror.as_ref()));
+    out.extend(argocd_target(p, mirror.as_ref()));
     out
 }
 
@@ -205,7 +205,7 @@ pub fn targets(p: &Profile) -> Vec<Target> {
 /// it from the repository itself and there is no pin).
 fn chart_target(p: &Profile, mirror: Option<&Url>) -> Option<Target> {
     let t = &p.tailscale;
-    let o = &t.operator;
+    let o = t.operator.as_ref()?;
     if o.chart_digest.is_none() && o.chart_size.is_none() {
         return None;
     }
@@ -239,8 +239,9 @@ fn chart_target(p: &Profile, mirror: Option<&Url>) -> Option<Target> {
     })
 }
 
-fn argocd_target(p: &Profile, mirror: Option<&Url>) -> Target {
-    let ac = &p.argocd;
+/// Argo CD's install.yaml (a server's; an agent has none).
+fn argocd_target(p: &Profile, mirror: Option<&Url>) -> Option<Target> {
+    let ac = p.argocd.as_ref()?;
     let argo_tag = ac.version.tag();
     let builtin = (ac.digest.is_none()
         && ac.version.to_string() == profile::DEFAULT_ARGOCD_VERSION)
@@ -252,7 +253,7 @@ fn argocd_target(p: &Profile, mirror: Option<&Url>) -> Target {
                 None,
             )
         });
-    Target {
+    Some(Target {
         keys: PinKeys::plain(&["argocd"]),
         what: format!("argo-cd {argo_tag} install.yaml"),
         url: match mirror {
@@ -265,7 +266,7 @@ fn argocd_target(p: &Profile, mirror: Option<&Url>) -> Target {
         current: current(ac.digest, ac.size).or(builtin),
         sha512: is_sha512(ac.digest),
         published: None,
-    }
+    })
 }
 
 fn is_sha512(d: Option<Digest>) -> bool {

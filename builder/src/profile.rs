@@ -21,7 +21,9 @@ pub struct Profile {
     pub node: NodeSpec,
     pub k3s: K3sSpec,
     pub tailscale: TailscaleSpec,
-    pub argocd: ArgoCdSpec,
+    /// Required on a server; refused on an agent (which runs no Argo CD).
+    #[serde(default)]
+    pub argocd: Option<ArgoCdSpec>,
     #[serde(default)]
     pub artifacts: ArtifactsSpec,
     /// Per-step deadline in seconds (the daemon stops retrying after it).
@@ -54,24 +56,24 @@ fn default_timezone() -> String {
 pub enum RoleSpec {
     #[default]
     Server,
-    /// Designed for: joins an existing server.
+    /// `k3s agent`: joins an existing server over the tailnet.
     Agent(AgentSpec),
 }
 
-/// `role: server` or `role: {agent: {server-url: ..., token: ...}}`.
+/// `role: server` or `role: {agent: {server: NAME-OR-URL, token: SECRET}}`.
 impl<'de> Deserialize<'de> for RoleSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = RoleSpec;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`server` or `{agent: {server-url: URL, token: SECRET}}`")
+                f.write_str("`server` or `{agent: {server: NAME-OR-URL, token: SECRET}}`")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RoleSpec, E> {
                 match v {
                     "server" => Ok(RoleSpec::Server),
                     "agent" => Err(E::custom(
-                        "an agent needs its server: `{agent: {server-url: URL, token: SECRET}}`",
+                        "an agent needs its server: `{agent: {server: NAME-OR-URL, token: SECRET}}`",
                     )),
                     other => Err(E::unknown_variant(other, &["server", "agent"])),
                 }
@@ -82,7 +84,12 @@ impl<'de> Deserialize<'de> for RoleSpec {
                 };
                 let role = match key.as_str() {
                     "agent" => RoleSpec::Agent(map.next_value()?),
-                    other => return Err(de::Error::unknown_variant(other, &["agent"])),
+                    "server" => {
+                        return Err(de::Error::custom(
+                            "a server takes no role settings: write `role: server`",
+                        ))
+                    }
+                    other => return Err(de::Error::unknown_variant(other, &["server", "agent"])),
                 };
                 if map.next_key::<String>()?.is_some() {
                     return Err(de::Error::custom("a role has exactly one kind"));
@@ -97,7 +104,10 @@ impl<'de> Deserialize<'de> for RoleSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AgentSpec {
-    pub server_url: Url,
+    /// The server's tailnet name (`ameciclo-k3s`, `ameciclo-k3s.example.ts.net`) or its
+    /// `https://HOST[:PORT]` URL.
+    pub server: String,
+    /// The server's agent token (`k3s.agent-token` there), in K3s's `K10…` form or bare.
     pub token: SecretRef,
 }
 
@@ -120,18 +130,24 @@ pub struct K3sSpec {
     /// Exact length of the binary in bytes.
     #[serde(default)]
     pub size: Option<u64>,
-    #[serde(default = "default_disable")]
-    pub disable: Vec<String>,
-    #[serde(default = "yes")]
-    pub secrets_encryption: bool,
-    #[serde(default = "default_kubeconfig_mode")]
-    pub write_kubeconfig_mode: String,
+    /// Server settings, with defaults a server gets when they are absent (`None`: not set, so
+    /// an agent, which has none of them, can tell them from defaults).
+    #[serde(default)]
+    pub disable: Option<Vec<String>>,
+    #[serde(default)]
+    pub secrets_encryption: Option<bool>,
+    #[serde(default)]
+    pub write_kubeconfig_mode: Option<String>,
     /// Extra `/etc/rancher/k3s/config.yaml` keys, checked against the allowed server flags.
     #[serde(default)]
     pub config: BTreeMap<String, serde_json::Value>,
     /// Container image archives staged in K3s's agent images dir (imported at start).
     #[serde(default)]
     pub images: Vec<ImageArchiveSpec>,
+    /// Server only: the token agents join with (`agent-token-file`), so they never hold the
+    /// server's full token.
+    #[serde(default)]
+    pub agent_token: Option<SecretRef>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,15 +164,21 @@ pub const DEFAULT_K3S_VERSION: &str = "v1.32.4+k3s1";
 fn default_k3s_version() -> Version {
     DEFAULT_K3S_VERSION.parse().expect("valid default")
 }
-fn default_disable() -> Vec<String> {
-    vec!["traefik".into(), "servicelb".into()]
-}
-fn yes() -> bool {
-    true
-}
-/// The kubeconfig holds cluster-admin credentials and only root (the daemon) reads it.
-fn default_kubeconfig_mode() -> String {
-    "0600".into()
+impl K3sSpec {
+    pub fn disable(&self) -> Vec<String> {
+        self.disable
+            .clone()
+            .unwrap_or_else(|| vec!["traefik".into(), "servicelb".into()])
+    }
+    pub fn secrets_encryption(&self) -> bool {
+        self.secrets_encryption.unwrap_or(true)
+    }
+    /// The kubeconfig holds cluster-admin credentials and only root (the daemon) reads it.
+    pub fn write_kubeconfig_mode(&self) -> String {
+        self.write_kubeconfig_mode
+            .clone()
+            .unwrap_or_else(|| "0600".into())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,7 +199,9 @@ pub struct TailscaleSpec {
     /// Required unless `api.mint-auth-key` is on.
     #[serde(default)]
     pub auth_key: Option<SecretRef>,
-    pub operator: OperatorSpec,
+    /// Required on a server; refused on an agent (the operator runs in the server's cluster).
+    #[serde(default)]
+    pub operator: Option<OperatorSpec>,
     /// Tailscale API use before joining (rebuilds keep the node's name); see docs/rebuild.md.
     #[serde(default)]
     pub api: Option<TailscaleApiSpec>,

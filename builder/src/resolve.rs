@@ -22,7 +22,10 @@ use url::Url;
 pub const TAILSCALE_AUTH_KEY_FILE: &str = "/etc/kiln/secrets/tailscale-auth-key";
 pub const TAILSCALE_OAUTH_SECRET_FILE: &str = "/etc/kiln/secrets/tailscale-oauth-client-secret";
 pub const GITOPS_PASSWORD_FILE: &str = "/etc/kiln/secrets/gitops-repo-password";
+/// An agent's join token (the server's `k3s.agent-token`): `token-file` in its config.
 pub const K3S_TOKEN_FILE: &str = "/etc/kiln/secrets/k3s-token";
+/// A server's agent token: `agent-token-file` in its config.
+pub const K3S_AGENT_TOKEN_FILE: &str = "/etc/kiln/secrets/k3s-agent-token";
 
 /// A secret to be written on the node.
 #[derive(Debug, Clone)]
@@ -156,16 +159,24 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
 
     let mut secrets = Vec::new();
     let mut vault_secrets = Vec::new();
+    crate::resolve_role::check_sections(s, p)?;
     let role = match &p.node.role {
         RoleSpec::Server => Role::Server,
-        // An agent profile used to be accepted, and the daemon, which has no agent path yet,
-        // then booted a second server: refused until kiln-firstboot implements the agent role.
-        RoleSpec::Agent(_) => {
-            return Err(s.error(
-                &key_path(&["node", "role", "agent"]),
-                true,
-                "K3s agent nodes are not supported yet: kiln-firstboot would install a second server; build servers only (`role: server`)",
-            ))
+        RoleSpec::Agent(a) => {
+            let server = crate::resolve_role::agent_server(s, &a.server)?;
+            take_secret(
+                s,
+                env,
+                &mut secrets,
+                &mut vault_secrets,
+                &["node", "role", "agent", "token"],
+                &a.token,
+                K3S_TOKEN_FILE,
+            )?;
+            Role::Agent {
+                server,
+                token_file: K3S_TOKEN_FILE.into(),
+            }
         }
     };
 
@@ -258,7 +269,7 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             ),
         ));
     }
-    for (i, item) in k.disable.iter().enumerate() {
+    for (i, item) in k.disable().iter().enumerate() {
         if !k3s_config::DISABLE_ITEMS.contains(&item.as_str()) {
             let mut path = key_path(&["k3s", "disable"]);
             path.push(Seg::Index(i));
@@ -272,22 +283,33 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
             ));
         }
     }
-    if !matches!(k.write_kubeconfig_mode.as_str(), "0600" | "0640" | "0644") {
+    if !matches!(k.write_kubeconfig_mode().as_str(), "0600" | "0640" | "0644") {
         return Err(s.error(
             &key_path(&["k3s", "write-kubeconfig-mode"]),
             false,
             format!(
                 "write-kubeconfig-mode must be \"0600\", \"0640\" or \"0644\", got {:?}",
-                k.write_kubeconfig_mode
+                k.write_kubeconfig_mode()
             ),
         ));
     }
+    let agent = matches!(role, Role::Agent { .. });
     let mut config: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     for (key, value) in &k.config {
-        if let Err(e) = k3s_config::check(key, value) {
+        // `key: null` removes a base's key (docs/profile.md, extends).
+        if value.is_null() {
+            continue;
+        }
+        let checked = if agent {
+            k3s_config::check_agent(key, value)
+        } else {
+            k3s_config::check(key, value)
+        };
+        if let Err(e) = checked {
             let unknown = matches!(
                 e,
                 k3s_config::KeyError::Unknown(_)
+                    | k3s_config::KeyError::UnknownAgent(_)
                     | k3s_config::KeyError::Managed { .. }
                     | k3s_config::KeyError::Secret(_)
             );
@@ -295,17 +317,62 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         }
         config.insert(key.clone(), value.clone());
     }
-    config.insert(
-        "write-kubeconfig-mode".into(),
-        k.write_kubeconfig_mode.clone().into(),
-    );
-    config.insert("disable".into(), serde_json::json!(k.disable));
-    config.insert("secrets-encryption".into(), k.secrets_encryption.into());
     config.insert("node-name".into(), p.node.hostname.clone().into());
-    if !k.secrets_encryption {
-        warnings.push(
-            "k3s.secrets-encryption is off: Secrets are stored unencrypted in the datastore".into(),
-        );
+    match &role {
+        Role::Agent { server, token_file } => {
+            // `node-ip` (the tailnet address) is added on the node once Tailscale is up.
+            config.insert(
+                "server".into(),
+                server.as_str().trim_end_matches('/').into(),
+            );
+            config.insert("token-file".into(), token_file.clone().into());
+            config.insert("flannel-iface".into(), "tailscale0".into());
+        }
+        Role::Server => {
+            config.insert(
+                "write-kubeconfig-mode".into(),
+                k.write_kubeconfig_mode().into(),
+            );
+            config.insert("disable".into(), serde_json::json!(k.disable()));
+            config.insert("secrets-encryption".into(), k.secrets_encryption().into());
+            // Agents join by the server's tailnet name (`server: NAME` → https://NAME:6443), so
+            // its certificate must carry it from the start; the MagicDNS name and the 100.x
+            // address are added on the node once Tailscale knows them.
+            let ts_name = p
+                .tailscale
+                .hostname
+                .clone()
+                .unwrap_or_else(|| p.node.hostname.clone());
+            let san = config
+                .entry("tls-san".to_string())
+                .or_insert_with(|| serde_json::json!([]));
+            if let serde_json::Value::String(one) = san {
+                *san = serde_json::json!([one.clone()]);
+            }
+            if let serde_json::Value::Array(list) = san {
+                if !list.contains(&serde_json::json!(ts_name)) {
+                    list.push(serde_json::json!(ts_name));
+                }
+            }
+            if let Some(r) = &k.agent_token {
+                take_secret(
+                    s,
+                    env,
+                    &mut secrets,
+                    &mut vault_secrets,
+                    &["k3s", "agent-token"],
+                    r,
+                    K3S_AGENT_TOKEN_FILE,
+                )?;
+                config.insert("agent-token-file".into(), K3S_AGENT_TOKEN_FILE.into());
+            }
+            if !k.secrets_encryption() {
+                warnings.push(
+                    "k3s.secrets-encryption is off: Secrets are stored unencrypted in the datastore"
+                        .into(),
+                );
+            }
+        }
     }
     let k3s_tag = k.version.url_tag();
     let (k3s_url, sums_url) = match &mirror {
@@ -431,58 +498,14 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
                 .into(),
         );
     }
-    let o = &t.operator;
-    let chart_version = o.chart_version.clone().unwrap_or_else(|| t.version.bare());
-    if chart_version.parse::<Version>().is_err()
-        && format!("v{chart_version}").parse::<Version>().is_err()
-    {
-        return Err(s.error(
-            &key_path(&["tailscale", "operator", "chart-version"]),
-            false,
-            format!("invalid chart version {chart_version:?} (the Tailscale version without v, e.g. 1.102.3)"),
-        ));
-    }
-    check_http(s, &["tailscale", "operator", "chart-repo"], &o.chart_repo)?;
-    check_label(s, &["tailscale", "operator", "namespace"], &o.namespace)?;
-    check_label(s, &["tailscale", "operator", "hostname"], &o.hostname)?;
-    check_label(
-        s,
-        &["tailscale", "operator", "ingress-class"],
-        &o.ingress_class,
-    )?;
-    if o.oauth_client_id.trim().is_empty() || o.oauth_client_id.starts_with("tskey-client-") {
-        return Err(s.error(
-            &key_path(&["tailscale", "operator", "oauth-client-id"]),
-            false,
-            "the OAuth client id is the short id (e.g. kXXXXXXCNTRL), not the tskey-client- secret",
-        ));
-    }
-    take_secret(
-        s,
+    let mut sink = SecretSink {
         env,
-        &mut secrets,
-        &mut vault_secrets,
-        &["tailscale", "operator", "oauth-client-secret"],
-        &o.oauth_client_secret,
-        TAILSCALE_OAUTH_SECRET_FILE,
-    )?;
-    let chart_keys = PinKeys::new(
-        key_path(&["tailscale", "operator"]),
-        "chart-digest",
-        "chart-size",
-    );
-    let chart_archive = match o.chart_digest {
-        // No chart pin: the helm-controller fetches the chart from chart-repo itself.
-        None if o.chart_size.is_none() => None,
-        digest => {
-            let pin = pins::require(s, &chart_keys, digest, o.chart_size)?;
-            let name = format!("tailscale-operator-{chart_version}.tgz");
-            let url = match &mirror {
-                Some(m) => join(m, &format!("tailscale/{name}")),
-                None => join(&with_slash(&o.chart_repo), &name),
-            };
-            Some(Artifact { name, url, pin })
-        }
+        secrets: &mut secrets,
+        vault: &mut vault_secrets,
+    };
+    let operator = match &t.operator {
+        Some(o) => Some(operator(s, &mut sink, t, o, mirror.as_ref())?),
+        None => None,
     };
     let tailscale = Tailscale {
         version: t.version.clone(),
@@ -494,132 +517,24 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         hostname: ts_host,
         tags: t.tags.clone(),
         auth_key_file: Some(TAILSCALE_AUTH_KEY_FILE.into()),
-        operator: TailscaleOperator {
-            chart_repo: o.chart_repo.clone(),
-            chart_version,
-            namespace: o.namespace.clone(),
-            oauth_client_id: o.oauth_client_id.clone(),
-            oauth_client_secret_file: TAILSCALE_OAUTH_SECRET_FILE.into(),
-            ingress_class: o.ingress_class.clone(),
-            hostname: o.hostname.clone(),
-            chart_archive,
-        },
+        operator,
         api,
         login_server,
     };
 
-    // --- argocd
-    let ac = &p.argocd;
-    check_argocd_compat(s, &ac.version, &k.version)?;
-    let argo_pin = match ac.digest {
-        Some(_) => pins::require(s, &PinKeys::plain(&["argocd"]), ac.digest, ac.size)?,
-        None if ac.version.to_string() == profile::DEFAULT_ARGOCD_VERSION => Pin::new(
-            ARGOCD_V3_4_7_INSTALL_SHA256.parse::<Sha256>().expect("valid pin"),
-            Some(ARGOCD_V3_4_7_INSTALL_SIZE),
-        ),
-        None => {
-            return Err(s.error(
-                &key_path(&["argocd", "version"]),
-                false,
-                format!(
-                    "argocd.digest is required for {} (kiln carries a pin for {} only)",
-                    ac.version,
-                    profile::DEFAULT_ARGOCD_VERSION
-                ),
-            )
-            .with_help("upstream publishes no checksum for install.yaml: run `kiln lock PROFILE` (it downloads and hashes it), review the file, and keep the pin"))
-        }
-    };
-    check_label(s, &["argocd", "namespace"], &ac.namespace)?;
-    check_label(s, &["argocd", "ingress-host"], &ac.ingress_host)?;
-    let argo_tag = ac.version.tag();
-    let argo_url = match &mirror {
-        Some(m) => join(m, &format!("argocd/{argo_tag}/install.yaml")),
-        None => join(
-            &Url::parse(upstream::ARGOCD).expect("valid"),
-            &format!("{argo_tag}/manifests/install.yaml"),
-        ),
-    };
-    let argocd = ArgoCd {
-        version: ac.version.clone(),
-        manifest: Artifact {
-            name: format!("argocd-{argo_tag}-install.yaml"),
-            url: argo_url,
-            pin: argo_pin,
-        },
-        namespace: ac.namespace.clone(),
-        ingress_host: ac.ingress_host.clone(),
-        ingress_class: o.ingress_class.clone(),
-    };
-
-    // --- gitops
-    let g = &ac.gitops;
-    let gp = |k: &str| key_path(&["argocd", "gitops", k]);
-    match g.repo.scheme() {
-        "https" | "ssh" | "http" => {}
-        other => {
-            return Err(s.error(
-                &gp("repo"),
-                false,
-                format!("unsupported repository scheme {other:?} (https or ssh)"),
-            ))
-        }
-    }
-    if !g.repo.username().is_empty() || g.repo.password().is_some() {
-        return Err(s.error(
-            &gp("repo"),
-            false,
-            "the repository URL must not carry credentials; use argocd.gitops.credentials",
-        ));
-    }
-    if g.path.starts_with('/') || g.path.split('/').any(|c| c == "..") {
-        return Err(s.error(
-            &gp("path"),
-            false,
-            "path is relative to the repository root, without `..`",
-        ));
-    }
-    if g.revision.trim().is_empty() || g.revision.contains(char::is_whitespace) {
-        return Err(s.error(
-            &gp("revision"),
-            false,
-            "revision is a branch, tag, commit or HEAD",
-        ));
-    }
-    check_label(s, &["argocd", "gitops", "app-name"], &g.app_name)?;
-    let credentials = match &g.credentials {
-        None => None,
-        Some(c) => {
-            if c.username.trim().is_empty() {
-                return Err(s.error(
-                    &key_path(&["argocd", "gitops", "credentials", "username"]),
-                    false,
-                    "username must not be empty",
-                ));
-            }
-            take_secret(
+    let (argocd, gitops) = match (&p.argocd, &tailscale.operator) {
+        (Some(ac), Some(o)) => {
+            let (a, g) = argocd_gitops(
                 s,
-                env,
-                &mut secrets,
-                &mut vault_secrets,
-                &["argocd", "gitops", "credentials", "password"],
-                &c.password,
-                GITOPS_PASSWORD_FILE,
+                &mut sink,
+                ac,
+                &k.version,
+                &o.ingress_class,
+                mirror.as_ref(),
             )?;
-            Some(RepoCredentials {
-                username: c.username.clone(),
-                password_file: GITOPS_PASSWORD_FILE.into(),
-            })
+            (Some(a), Some(g))
         }
-    };
-    let source = crate::resolve_gitops::source(s, g)?;
-    let gitops = GitOps {
-        app_name: g.app_name.clone(),
-        repo_url: g.repo.clone(),
-        revision: g.revision.clone(),
-        path: g.path.clone(),
-        credentials,
-        source,
+        _ => (None, None),
     };
 
     let mut deadlines: BTreeMap<StepId, u64> = DEFAULT_DEADLINES.into_iter().collect();
@@ -671,6 +586,216 @@ pub fn resolve(loaded: &Loaded, env: Env) -> Result<Resolved, ProfileError> {
         delivery,
         warnings,
     })
+}
+
+/// Where secrets read at build time go, and the Key Vault references the node reads itself.
+struct SecretSink<'a, 'e> {
+    env: Env<'e>,
+    secrets: &'a mut Vec<SecretFile>,
+    vault: &'a mut Vec<kiln_plan::keyvault::VaultSecret>,
+}
+
+impl SecretSink<'_, '_> {
+    fn take(
+        &mut self,
+        s: &Sources,
+        at: &[&str],
+        r: &SecretRef,
+        node_path: &'static str,
+    ) -> Result<(), ProfileError> {
+        take_secret(s, self.env, self.secrets, self.vault, at, r, node_path)
+    }
+}
+
+/// `tailscale.operator` (a server's).
+fn operator(
+    s: &Sources,
+    sink: &mut SecretSink,
+    t: &crate::profile::TailscaleSpec,
+    o: &crate::profile::OperatorSpec,
+    mirror: Option<&Url>,
+) -> Result<TailscaleOperator, ProfileError> {
+    let chart_version = o.chart_version.clone().unwrap_or_else(|| t.version.bare());
+    if chart_version.parse::<Version>().is_err()
+        && format!("v{chart_version}").parse::<Version>().is_err()
+    {
+        return Err(s.error(
+            &key_path(&["tailscale", "operator", "chart-version"]),
+            false,
+            format!("invalid chart version {chart_version:?} (the Tailscale version without v, e.g. 1.102.3)"),
+        ));
+    }
+    check_http(s, &["tailscale", "operator", "chart-repo"], &o.chart_repo)?;
+    check_label(s, &["tailscale", "operator", "namespace"], &o.namespace)?;
+    check_label(s, &["tailscale", "operator", "hostname"], &o.hostname)?;
+    check_label(
+        s,
+        &["tailscale", "operator", "ingress-class"],
+        &o.ingress_class,
+    )?;
+    if o.oauth_client_id.trim().is_empty() || o.oauth_client_id.starts_with("tskey-client-") {
+        return Err(s.error(
+            &key_path(&["tailscale", "operator", "oauth-client-id"]),
+            false,
+            "the OAuth client id is the short id (e.g. kXXXXXXCNTRL), not the tskey-client- secret",
+        ));
+    }
+    sink.take(
+        s,
+        &["tailscale", "operator", "oauth-client-secret"],
+        &o.oauth_client_secret,
+        TAILSCALE_OAUTH_SECRET_FILE,
+    )?;
+    let chart_keys = PinKeys::new(
+        key_path(&["tailscale", "operator"]),
+        "chart-digest",
+        "chart-size",
+    );
+    let chart_archive = match o.chart_digest {
+        // No chart pin: the helm-controller fetches the chart from chart-repo itself.
+        None if o.chart_size.is_none() => None,
+        digest => {
+            let pin = pins::require(s, &chart_keys, digest, o.chart_size)?;
+            let name = format!("tailscale-operator-{chart_version}.tgz");
+            let url = match mirror {
+                Some(m) => join(m, &format!("tailscale/{name}")),
+                None => join(&with_slash(&o.chart_repo), &name),
+            };
+            Some(Artifact { name, url, pin })
+        }
+    };
+    Ok(TailscaleOperator {
+        chart_repo: o.chart_repo.clone(),
+        chart_version,
+        namespace: o.namespace.clone(),
+        oauth_client_id: o.oauth_client_id.clone(),
+        oauth_client_secret_file: TAILSCALE_OAUTH_SECRET_FILE.into(),
+        ingress_class: o.ingress_class.clone(),
+        hostname: o.hostname.clone(),
+        chart_archive,
+    })
+}
+
+/// `argocd` and its `gitops` repository (a server's).
+fn argocd_gitops(
+    s: &Sources,
+    sink: &mut SecretSink,
+    ac: &crate::profile::ArgoCdSpec,
+    k3s_version: &Version,
+    ingress_class: &str,
+    mirror: Option<&Url>,
+) -> Result<(ArgoCd, GitOps), ProfileError> {
+    // --- argocd
+    check_argocd_compat(s, &ac.version, k3s_version)?;
+    let argo_pin = match ac.digest {
+        Some(_) => pins::require(s, &PinKeys::plain(&["argocd"]), ac.digest, ac.size)?,
+        None if ac.version.to_string() == profile::DEFAULT_ARGOCD_VERSION => Pin::new(
+            ARGOCD_V3_4_7_INSTALL_SHA256.parse::<Sha256>().expect("valid pin"),
+            Some(ARGOCD_V3_4_7_INSTALL_SIZE),
+        ),
+        None => {
+            return Err(s.error(
+                &key_path(&["argocd", "version"]),
+                false,
+                format!(
+                    "argocd.digest is required for {} (kiln carries a pin for {} only)",
+                    ac.version,
+                    profile::DEFAULT_ARGOCD_VERSION
+                ),
+            )
+            .with_help("upstream publishes no checksum for install.yaml: run `kiln lock PROFILE` (it downloads and hashes it), review the file, and keep the pin"))
+        }
+    };
+    check_label(s, &["argocd", "namespace"], &ac.namespace)?;
+    check_label(s, &["argocd", "ingress-host"], &ac.ingress_host)?;
+    let argo_tag = ac.version.tag();
+    let argo_url = match mirror {
+        Some(m) => join(m, &format!("argocd/{argo_tag}/install.yaml")),
+        None => join(
+            &Url::parse(upstream::ARGOCD).expect("valid"),
+            &format!("{argo_tag}/manifests/install.yaml"),
+        ),
+    };
+    let argocd = ArgoCd {
+        version: ac.version.clone(),
+        manifest: Artifact {
+            name: format!("argocd-{argo_tag}-install.yaml"),
+            url: argo_url,
+            pin: argo_pin,
+        },
+        namespace: ac.namespace.clone(),
+        ingress_host: ac.ingress_host.clone(),
+        ingress_class: ingress_class.to_string(),
+    };
+
+    // --- gitops
+    let g = &ac.gitops;
+    let gp = |k: &str| key_path(&["argocd", "gitops", k]);
+    match g.repo.scheme() {
+        "https" | "ssh" | "http" => {}
+        other => {
+            return Err(s.error(
+                &gp("repo"),
+                false,
+                format!("unsupported repository scheme {other:?} (https or ssh)"),
+            ))
+        }
+    }
+    if !g.repo.username().is_empty() || g.repo.password().is_some() {
+        return Err(s.error(
+            &gp("repo"),
+            false,
+            "the repository URL must not carry credentials; use argocd.gitops.credentials",
+        ));
+    }
+    if g.path.starts_with('/') || g.path.split('/').any(|c| c == "..") {
+        return Err(s.error(
+            &gp("path"),
+            false,
+            "path is relative to the repository root, without `..`",
+        ));
+    }
+    if g.revision.trim().is_empty() || g.revision.contains(char::is_whitespace) {
+        return Err(s.error(
+            &gp("revision"),
+            false,
+            "revision is a branch, tag, commit or HEAD",
+        ));
+    }
+    check_label(s, &["argocd", "gitops", "app-name"], &g.app_name)?;
+    let credentials = match &g.credentials {
+        None => None,
+        Some(c) => {
+            if c.username.trim().is_empty() {
+                return Err(s.error(
+                    &key_path(&["argocd", "gitops", "credentials", "username"]),
+                    false,
+                    "username must not be empty",
+                ));
+            }
+            sink.take(
+                s,
+                &["argocd", "gitops", "credentials", "password"],
+                &c.password,
+                GITOPS_PASSWORD_FILE,
+            )?;
+            Some(RepoCredentials {
+                username: c.username.clone(),
+                password_file: GITOPS_PASSWORD_FILE.into(),
+            })
+        }
+    };
+    let source = crate::resolve_gitops::source(s, g)?;
+    let gitops = GitOps {
+        app_name: g.app_name.clone(),
+        repo_url: g.repo.clone(),
+        revision: g.revision.clone(),
+        path: g.path.clone(),
+        credentials,
+        source,
+    };
+
+    Ok((argocd, gitops))
 }
 
 /// Argo CD's tested Kubernetes versions (docs/operator-manual/tested-kubernetes-versions.md):

@@ -60,6 +60,11 @@ fn reference_profile_builds_reading_no_secret_file_and_custom_data_holds_no_secr
         files,
         [
             (
+                "k3s.agent-token",
+                "k3s-agent-token",
+                "/etc/kiln/secrets/k3s-agent-token"
+            ),
+            (
                 "tailscale.auth-key",
                 "tailscale-auth-key",
                 "/etc/kiln/secrets/tailscale-auth-key"

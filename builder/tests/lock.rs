@@ -177,7 +177,14 @@ fn lock_fills_in_every_pin_from_the_mirror_and_keeps_the_comments() {
         pin(&w, "k3s", "sha512")
     );
     assert_eq!(
-        r.plan.tailscale.operator.chart_archive.unwrap().pin.size,
+        r.plan
+            .tailscale
+            .operator
+            .unwrap()
+            .chart_archive
+            .unwrap()
+            .pin
+            .size,
         Some(CHART.len() as u64)
     );
 
@@ -304,11 +311,11 @@ fn lock_downloads_from_the_urls_the_node_will_use() {
         want.extend(
             plan.tailscale
                 .operator
-                .chart_archive
                 .iter()
+                .flat_map(|o| o.chart_archive.iter())
                 .map(|a| a.url.to_string()),
         );
-        want.push(plan.argocd.manifest.url.to_string());
+        want.push(plan.argocd.as_ref().unwrap().manifest.url.to_string());
         assert_eq!(urls, want, "{name}");
         // And lock's K3s source is the plan's cross-check file.
         let sums = kiln::lock::targets(&loaded.profile)[0]

@@ -57,27 +57,33 @@ fn defaults_match_the_documented_ones() {
     );
     assert_eq!(p.tailscale.hostname, "test-node");
     assert_eq!(
-        p.tailscale.operator.chart_repo.as_str(),
+        p.operator().unwrap().chart_repo.as_str(),
         "https://pkgs.tailscale.com/helmcharts"
     );
-    assert_eq!(p.tailscale.operator.chart_version, "1.102.3");
-    assert_eq!(p.tailscale.operator.ingress_class, "tailscale");
-    assert_eq!(p.tailscale.operator.hostname, "tailscale-operator");
-    assert_eq!(p.argocd.version.to_string(), "v3.4.7");
+    assert_eq!(p.operator().unwrap().chart_version, "1.102.3");
+    assert_eq!(p.operator().unwrap().ingress_class, "tailscale");
+    assert_eq!(p.operator().unwrap().hostname, "tailscale-operator");
+    assert_eq!(p.argocd().unwrap().version.to_string(), "v3.4.7");
     assert_eq!(
-        p.argocd.manifest.pin.to_string(),
+        p.argocd().unwrap().manifest.pin.to_string(),
         "sha256:11016889371e4b1e3754b7ba2494b36ab1111338bd2362d499abe3ff2f63c906 (1890752 bytes)"
     );
     assert_eq!(
-        p.argocd.manifest.url.as_str(),
+        p.argocd().unwrap().manifest.url.as_str(),
         "https://raw.githubusercontent.com/argoproj/argo-cd/v3.4.7/manifests/install.yaml"
     );
     assert_eq!(
-        (p.argocd.namespace.as_str(), p.argocd.ingress_host.as_str()),
+        (
+            p.argocd().unwrap().namespace.as_str(),
+            p.argocd().unwrap().ingress_host.as_str()
+        ),
         ("argocd", "argocd")
     );
     assert_eq!(
-        (p.gitops.app_name.as_str(), p.gitops.revision.as_str()),
+        (
+            p.gitops().unwrap().app_name.as_str(),
+            p.gitops().unwrap().revision.as_str()
+        ),
         ("root", "HEAD")
     );
     assert_eq!(p.node.role, Role::Server);
@@ -106,8 +112,8 @@ fn extends_merges_mappings_replaces_lists_and_later_files_win() {
     );
     assert_eq!(
         c["tls-san"],
-        serde_json::json!(["a", "b"]),
-        "mappings merge"
+        serde_json::json!(["a", "b", "test-node"]),
+        "mappings merge (and a server's tls-san gets its tailnet name)"
     );
     assert_eq!(c["cluster-init"], serde_json::json!(true));
     assert_eq!(r.cloud.timezone, "America/Recife");
@@ -169,7 +175,7 @@ fn repo_credentials_resolve_to_a_secret_file_path() {
         ),
     );
     let r = resolve(&top, &common::no_env);
-    let creds = r.plan.gitops.credentials.as_ref().unwrap();
+    let creds = r.plan.gitops().unwrap().credentials.as_ref().unwrap();
     assert_eq!(
         (creds.username.as_str(), creds.password_file.as_str()),
         ("kiln", "/etc/kiln/secrets/gitops-repo-password")

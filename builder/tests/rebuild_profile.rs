@@ -152,7 +152,7 @@ fn a_pinned_chart_and_image_archives_reach_the_plan_and_the_helmchart_uses_the_s
         .map_err(|e| e.to_string())
         .unwrap()
         .1;
-    let chart = r.plan.tailscale.operator.chart_archive.as_ref().unwrap();
+    let chart = r.plan.operator().unwrap().chart_archive.as_ref().unwrap();
     assert_eq!(chart.name, "tailscale-operator-1.102.3.tgz");
     assert_eq!(
         chart.url.as_str(),
@@ -184,8 +184,8 @@ fn a_pinned_chart_and_image_archives_reach_the_plan_and_the_helmchart_uses_the_s
     let back = kiln_plan::Plan::from_json(&r.plan.to_json()).unwrap();
     assert_eq!(back.k3s.images, r.plan.k3s.images);
     assert_eq!(
-        back.tailscale.operator.chart_archive,
-        r.plan.tailscale.operator.chart_archive
+        back.operator().unwrap().chart_archive,
+        r.plan.operator().unwrap().chart_archive
     );
 }
 

@@ -206,10 +206,10 @@ impl Write for HashWriter {
 }
 
 fn rendered_sha256(cx: &Cx) -> Result<Sha256> {
-    let src = cx.fetcher.fetch(&cx.plan.argocd.manifest)?;
+    let src = cx.fetcher.fetch(&cx.plan.argocd()?.manifest)?;
     let f = fs::File::open(&src).with_context(|| format!("opening {}", src.display()))?;
     let mut h = HashWriter(<sha2::Sha256 as sha2::Digest>::new());
-    namespace_manifest(BufReader::new(f), &mut h, &cx.plan.argocd.namespace)
+    namespace_manifest(BufReader::new(f), &mut h, &cx.plan.argocd()?.namespace)
         .with_context(|| format!("rewriting {}", src.display()))?;
     Ok(Sha256::from_bytes(sha2::Digest::finalize(h.0).into()))
 }
@@ -226,7 +226,7 @@ fn install(cx: &Cx) -> Result<bool> {
     if install_current(cx)? {
         return Ok(false);
     }
-    let src = cx.fetcher.fetch(&cx.plan.argocd.manifest)?;
+    let src = cx.fetcher.fetch(&cx.plan.argocd()?.manifest)?;
     let staging = cx.root.path(STAGING);
     if let Some(d) = staging.parent() {
         fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -238,7 +238,7 @@ fn install(cx: &Cx) -> Result<bool> {
         namespace_manifest(
             BufReader::with_capacity(64 * 1024, input),
             BufWriter::with_capacity(64 * 1024, out),
-            &cx.plan.argocd.namespace,
+            &cx.plan.argocd()?.namespace,
         )
         .with_context(|| format!("rewriting {}", src.display()))?;
     }
@@ -276,7 +276,7 @@ impl Step for ArgocdStep {
 // ---- gitops -----------------------------------------------------------------------------------
 
 fn repo_secret(cx: &Cx) -> Result<Option<Vec<u8>>> {
-    let Some(creds) = &cx.plan.gitops.credentials else {
+    let Some(creds) = &cx.plan.gitops()?.credentials else {
         return Ok(None);
     };
     let password = cx.read_secret(&creds.password_file)?;
@@ -285,10 +285,17 @@ fn repo_secret(cx: &Cx) -> Result<Option<Vec<u8>>> {
 
 fn gitops_files(cx: &Cx) -> Vec<String> {
     let mut files = k3s::bundled_files(cx.plan, StepId::Gitops);
-    if cx.plan.gitops.credentials.is_some() {
+    if has_repo_credentials(cx) {
         files.push(GITOPS_REPO_FILE.to_string());
     }
     files
+}
+
+fn has_repo_credentials(cx: &Cx) -> bool {
+    cx.plan
+        .gitops
+        .as_ref()
+        .is_some_and(|g| g.credentials.is_some())
 }
 
 pub struct GitopsStep;
@@ -324,7 +331,7 @@ pub fn all_manifest_files(cx: &Cx) -> Vec<String> {
     let mut files: Vec<String> = cx.plan.manifests.iter().map(|m| m.file.clone()).collect();
     files.push(TAILSCALE_OAUTH_FILE.into());
     files.push(ARGOCD_INSTALL_FILE.into());
-    if cx.plan.gitops.credentials.is_some() {
+    if has_repo_credentials(cx) {
         files.push(GITOPS_REPO_FILE.into());
     }
     files.sort();
@@ -374,14 +381,14 @@ fn probe(cx: &Cx) -> Result<Option<()>> {
     if !complete {
         return Err(Transient(format!("HelmChart install job {job} has not completed")).into());
     }
-    let g = &cx.plan.gitops;
+    let g = cx.plan.gitops()?;
     k3s::kubectl_json(
         root,
         &[
             "get",
             "applications",
             "-n",
-            &cx.plan.argocd.namespace,
+            &cx.plan.argocd()?.namespace,
             &g.app_name,
         ],
     )?;
@@ -395,9 +402,21 @@ impl Step for VerifyStep {
         StepId::Verify
     }
     fn check(&self, cx: &mut Cx) -> Result<bool> {
-        Ok(probe(cx).map(|o| o.is_some()).unwrap_or(false))
+        let probed = if cx.plan.is_agent() {
+            crate::k3s_agent::probe(cx)
+        } else {
+            probe(cx)
+        };
+        Ok(probed.map(|o| o.is_some()).unwrap_or(false))
     }
     fn apply(&self, cx: &mut Cx) -> Result<()> {
+        if cx.plan.is_agent() {
+            return cx.wait_for(
+                "the K3s agent to run, joined, on the tailnet",
+                Duration::from_secs(1),
+                || crate::k3s_agent::probe(cx),
+            );
+        }
         cx.wait_for(
             "the node to be Ready with every manifest applied",
             Duration::from_secs(1),
@@ -405,12 +424,16 @@ impl Step for VerifyStep {
         )
     }
     fn verify(&self, cx: &mut Cx) -> Result<()> {
+        // An agent runs no Argo CD: its own unit, registration and tailnet are all it has.
+        if cx.plan.is_agent() {
+            return crate::k3s_agent::probe(cx).map(|_| ());
+        }
         // Argo CD's view of the root Application, recorded. An unreachable repository or an
         // Argo CD still pulling images is only recorded; a problem in the repository's content
         // (a file Argo CD cannot unmarshal, a kind the cluster does not serve) fails the step
         // with Argo CD's own message, so status and console name the file instead of "done".
-        let g = &cx.plan.gitops;
-        let ns = cx.plan.argocd.namespace.clone();
+        let g = cx.plan.gitops()?;
+        let ns = cx.plan.argocd()?.namespace.clone();
         let app = k3s::kubectl_json(cx.root, &["get", "applications", "-n", &ns, &g.app_name])?;
         let st = crate::argocd_status::root_state(&app);
         tracing::info!(sync = %st.sync, health = %st.health, reason = %st.reason, "root Application");

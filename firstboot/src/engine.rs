@@ -294,13 +294,26 @@ fn run_inner(
         Err(e) => return refuse(status, ms, format!("{e:#}")),
     }
 
-    // 3. The step list must be sane.
-    let ids: Vec<StepId> = steps.iter().map(|s| s.id()).collect();
-    for (i, id) in ids.iter().enumerate() {
-        if ids[..i].contains(id) {
+    // 3. The step list must be sane, and runs in the plan's order: an agent joins the
+    //    tailnet before K3s starts (its K3s needs the tailnet address).
+    let registered: Vec<StepId> = steps.iter().map(|s| s.id()).collect();
+    for (i, id) in registered.iter().enumerate() {
+        if registered[..i].contains(id) {
             return refuse(status, ms, format!("step {id} is registered twice"));
         }
     }
+    let order = plan.step_order();
+    let steps: Vec<&dyn Step> = order
+        .iter()
+        .filter_map(|id| steps.iter().find(|s| s.id() == *id).map(|s| s.as_ref()))
+        .chain(
+            steps
+                .iter()
+                .filter(|s| !order.contains(&s.id()))
+                .map(|s| s.as_ref()),
+        )
+        .collect();
+    let ids: Vec<StepId> = steps.iter().map(|s| s.id()).collect();
     for f in &opts.force {
         if !ids.contains(f) {
             return refuse(status, ms, format!("--force {f}: no such step in this run"));
@@ -342,6 +355,19 @@ fn run_inner(
 
     for step in steps {
         let id = step.id();
+        if !plan.applies(id) {
+            let r = journal.step_mut(id);
+            r.state = StepState::NotApplicable;
+            r.attempts = 0;
+            r.last_error = None;
+            sync(status, &journal, &facts);
+            journal.save(root)?;
+            status.write(root)?;
+            ms.say(format_args!(
+                "step {id} not applicable (a server step; this node is a K3s agent)"
+            ));
+            continue;
+        }
         let forced = opts.force.contains(&id);
         let limit = plan.deadline(id);
         let t0 = Instant::now();

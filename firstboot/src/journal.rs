@@ -26,12 +26,18 @@ pub enum StepState {
     Failed,
     /// `check` found the desired state already there (and `verify` confirmed it).
     Skipped,
+    /// The step has nothing to do on this node: a server step (operator, Argo CD, GitOps) on
+    /// a K3s agent. Not "skipped": nothing was checked or verified, there is nothing to be.
+    NotApplicable,
 }
 
 impl StepState {
     /// The step's desired state is in place.
     pub fn is_satisfied(self) -> bool {
-        matches!(self, StepState::Done | StepState::Skipped)
+        matches!(
+            self,
+            StepState::Done | StepState::Skipped | StepState::NotApplicable
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -40,6 +46,7 @@ impl StepState {
             StepState::Done => "done",
             StepState::Failed => "failed",
             StepState::Skipped => "skipped",
+            StepState::NotApplicable => "not-applicable",
         }
     }
 }

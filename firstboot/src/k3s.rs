@@ -80,6 +80,19 @@ pub fn env_text() -> &'static str {
 /// build time), plus the node's Tailscale name and IPv4 in `tls-san` once the tailscale step
 /// has learned them. Keys sorted, so the same inputs give the same bytes.
 pub fn config_yaml(plan: &Plan, facts: &BTreeMap<String, String>) -> Result<String> {
+    let cfg = if plan.is_agent() {
+        crate::k3s_agent::config(plan, facts)?
+    } else {
+        server_config(plan, facts)?
+    };
+    let body = serde_yaml::to_string(&cfg).context("rendering k3s config.yaml")?;
+    Ok(format!(
+        "# Written by kiln-firstboot from the node plan; edits are overwritten.\n{body}"
+    ))
+}
+
+/// A server's config: the plan's keys and its tailnet name and address in `tls-san`.
+fn server_config(plan: &Plan, facts: &BTreeMap<String, String>) -> Result<BTreeMap<String, Value>> {
     let mut cfg: BTreeMap<String, Value> = plan.k3s.config.clone();
     let extra: Vec<&String> = [FACT_TS_DNS, FACT_TS_IPV4]
         .iter()
@@ -103,10 +116,34 @@ pub fn config_yaml(plan: &Plan, facts: &BTreeMap<String, String>) -> Result<Stri
             }
         }
     }
-    let body = serde_yaml::to_string(&cfg).context("rendering k3s config.yaml")?;
-    Ok(format!(
-        "# Written by kiln-firstboot from the node plan; edits are overwritten.\n{body}"
-    ))
+    Ok(cfg)
+}
+
+/// The unit name, unit file (path, text) and env file of this node's K3s: `k3s.service`
+/// running `k3s server`, or `k3s-agent.service` running `k3s agent`.
+pub struct Units {
+    pub unit: &'static str,
+    pub unit_path: &'static str,
+    pub unit_text: &'static str,
+    pub env_path: &'static str,
+}
+
+pub fn units(plan: &Plan) -> Units {
+    if plan.is_agent() {
+        Units {
+            unit: crate::k3s_agent::UNIT,
+            unit_path: paths::K3S_AGENT_UNIT,
+            unit_text: crate::k3s_agent::unit_text(),
+            env_path: paths::K3S_AGENT_ENV,
+        }
+    } else {
+        Units {
+            unit: UNIT,
+            unit_path: paths::K3S_UNIT,
+            unit_text: unit_text(),
+            env_path: paths::K3S_ENV,
+        }
+    }
 }
 
 /// Writes `data` to a node path unless it already holds exactly that with `mode`.
@@ -141,7 +178,7 @@ fn applied_digest(cx: &Cx) -> Result<String> {
     for part in [
         cx.plan.k3s.binary.pin.digest.to_string().as_bytes(),
         cfg.as_bytes(),
-        unit_text().as_bytes(),
+        units(cx.plan).unit_text.as_bytes(),
         env_text().as_bytes(),
     ] {
         all.extend_from_slice(Sha256::digest(part).as_bytes());
@@ -172,7 +209,7 @@ pub fn reconcile_config(cx: &mut Cx) -> Result<bool> {
         return Ok(false);
     }
     tracing::info!("k3s config changed; restarting k3s");
-    systemd::restart(UNIT)?;
+    systemd::restart(units(cx.plan).unit)?;
     write_atomic(&cx.root.path(APPLIED_MARKER), digest.as_bytes(), 0o600)?;
     wait_ready(cx)?;
     Ok(true)
@@ -347,16 +384,22 @@ impl Step for K3sStep {
         if !holds(&bin, &cx.plan.k3s.binary)? {
             return Ok(false);
         }
+        let u = units(cx.plan);
         Ok(config_current(cx)?
             && images_current(cx)?
-            && file_is(cx.root, paths::K3S_UNIT, unit_text().as_bytes(), 0o644)
-            && file_is(cx.root, paths::K3S_ENV, env_text().as_bytes(), 0o600)
+            && file_is(cx.root, u.unit_path, u.unit_text.as_bytes(), 0o644)
+            && file_is(cx.root, u.env_path, env_text().as_bytes(), 0o600)
             && links_ok(cx.root)
-            && systemd::is_enabled(UNIT)?
-            && running(UNIT)?)
+            && systemd::is_enabled(u.unit)?
+            && running(u.unit)?)
     }
 
     fn apply(&self, cx: &mut Cx) -> Result<()> {
+        // K3s reads its token files itself: one kept in Key Vault is fetched now, before K3s
+        // starts (the daemon never reads it otherwise).
+        for f in token_files(cx.plan) {
+            crate::keyvault::ensure(cx, &f)?;
+        }
         let k3s = &cx.plan.k3s;
         // A verified copy in the cache was cross-checked when it got there (by this step or by
         // `kiln-firstboot stage` on a baked image): a baked or air-gapped node must not need
@@ -374,31 +417,48 @@ impl Step for K3sStep {
         }
         let cfg = config_yaml(cx.plan, cx.facts)?;
         changed |= write_if_changed(cx.root, paths::K3S_CONFIG, cfg.as_bytes(), 0o600)?;
-        let unit_changed =
-            write_if_changed(cx.root, paths::K3S_UNIT, unit_text().as_bytes(), 0o644)?;
-        let env_changed = write_if_changed(cx.root, paths::K3S_ENV, env_text().as_bytes(), 0o600)?;
+        let u = units(cx.plan);
+        let unit_changed = write_if_changed(cx.root, u.unit_path, u.unit_text.as_bytes(), 0o644)?;
+        let env_changed = write_if_changed(cx.root, u.env_path, env_text().as_bytes(), 0o600)?;
         ensure_links(cx.root)?;
         changed |= unit_changed || env_changed;
         if unit_changed || env_changed {
             systemd::daemon_reload()?;
         }
-        if !systemd::is_enabled(UNIT)? {
-            systemd::enable(UNIT)?;
+        if !systemd::is_enabled(u.unit)? {
+            systemd::enable(u.unit)?;
         }
         let digest = applied_digest(cx)?;
         let stale = !file_is(cx.root, APPLIED_MARKER, digest.as_bytes(), 0o600);
-        if !running(UNIT)? {
-            systemd::start(UNIT)?;
+        if !running(u.unit)? {
+            systemd::start(u.unit)?;
         } else if changed || stale {
-            systemd::restart(UNIT)?;
+            systemd::restart(u.unit)?;
         }
         write_atomic(&cx.root.path(APPLIED_MARKER), digest.as_bytes(), 0o600)?;
         Ok(())
     }
 
     fn verify(&self, cx: &mut Cx) -> Result<()> {
-        wait_ready(cx)
+        // An agent has no admin kubeconfig: it proves its join by the kubelet's credentials.
+        if cx.plan.is_agent() {
+            crate::k3s_agent::wait_joined(cx)
+        } else {
+            wait_ready(cx)
+        }
     }
+}
+
+/// The secret files K3s itself reads: an agent's `token-file`, a server's `agent-token-file`.
+pub fn token_files(plan: &Plan) -> Vec<String> {
+    let mut v = Vec::new();
+    if let kiln_plan::Role::Agent { token_file, .. } = &plan.node.role {
+        v.push(token_file.clone());
+    }
+    if let Some(Value::String(f)) = plan.k3s.config.get("agent-token-file") {
+        v.push(f.clone());
+    }
+    v
 }
 
 fn image_path(name: &str) -> String {

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod fs;
 pub mod journal;
 pub mod k3s;
+pub mod k3s_agent;
 pub mod keyvault;
 pub mod stage;
 pub mod status;

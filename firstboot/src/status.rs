@@ -156,6 +156,7 @@ impl Status {
             let mark = match r.state {
                 StepState::Done => "✔",
                 StepState::Skipped => "✔",
+                StepState::NotApplicable => "–",
                 StepState::Failed => "✘",
                 StepState::Running => "…",
                 StepState::Pending => " ",

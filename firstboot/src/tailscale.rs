@@ -253,6 +253,10 @@ impl Step for TailscaleStep {
         if st.backend_state != "Running" || auth_key_present(cx) || !facts_match(cx, &st) {
             return Ok(false);
         }
+        // On an agent K3s comes after this step, and its k3s step writes the tailnet address.
+        if cx.plan.is_agent() {
+            return Ok(true);
+        }
         k3s::config_current(cx)
     }
 
@@ -341,8 +345,11 @@ impl Step for TailscaleStep {
                 Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
             }
         }
-        // K3s's serving certificate should also be valid for the node's tailnet name.
-        k3s::reconcile_config(cx)?;
+        // K3s's serving certificate should also be valid for the node's tailnet name (a
+        // server's; an agent's K3s starts after this step, with the tailnet address).
+        if !cx.plan.is_agent() {
+            k3s::reconcile_config(cx)?;
+        }
         Ok(())
     }
 
@@ -359,7 +366,7 @@ impl Step for TailscaleStep {
 // ---- the Kubernetes operator ---------------------------------------------------------------
 
 fn oauth_manifest(cx: &Cx) -> Result<Vec<u8>> {
-    let secret = cx.read_secret(&cx.plan.tailscale.operator.oauth_client_secret_file)?;
+    let secret = cx.read_secret(&cx.plan.operator()?.oauth_client_secret_file)?;
     Ok(manifests::tailscale_oauth_secret(cx.plan, &secret))
 }
 
@@ -375,7 +382,7 @@ fn chart_path(name: &str) -> String {
 
 /// The pinned chart archive, when the plan has one, is in K3s's static charts dir.
 fn chart_current(cx: &Cx) -> Result<bool> {
-    let Some(chart) = &cx.plan.tailscale.operator.chart_archive else {
+    let Some(chart) = &cx.plan.operator()?.chart_archive else {
         return Ok(true);
     };
     let p = cx.root.path(chart_path(&chart.name));
@@ -408,7 +415,7 @@ impl Step for TailscaleOperatorStep {
             write_atomic(&cx.root.path(&path), &secret, 0o600)?;
         }
         // The archive before the HelmChart that points at it.
-        if let Some(chart) = &cx.plan.tailscale.operator.chart_archive {
+        if let Some(chart) = &cx.plan.operator()?.chart_archive {
             cx.fetcher.install(chart, &chart_path(&chart.name), 0o644)?;
         }
         k3s::install_bundled(cx, StepId::TailscaleOperator)?;

@@ -405,7 +405,7 @@ pub fn prepare_join(
     let mut api = Api::login(
         http,
         &api_plan.base_url,
-        &plan.tailscale.operator.oauth_client_id,
+        &plan.operator()?.oauth_client_id,
         client_secret,
         deadline,
     )?;
@@ -440,7 +440,7 @@ pub fn before_join(cx: &Cx) -> Result<Prepared> {
     if cx.plan.tailscale.api.is_none() {
         return Ok(Prepared::default());
     }
-    let secret = cx.read_secret(&cx.plan.tailscale.operator.oauth_client_secret_file)?;
+    let secret = cx.read_secret(&cx.plan.operator()?.oauth_client_secret_file)?;
     let http = cx.fetcher.client()?;
     prepare_join(cx.plan, cx.root, http, &secret, cx.deadline)
 }

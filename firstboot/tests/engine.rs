@@ -54,7 +54,7 @@ impl Step for TestStep {
             None => {}
         }
         // Later steps can see earlier facts.
-        if self.id == StepId::Tailscale {
+        if self.id == StepId::Tailscale && !cx.plan.is_agent() {
             assert_eq!(cx.facts.get("k3s.node").map(String::as_str), Some("n1"));
         }
         if let Some((k, v)) = self.fact {
@@ -369,7 +369,7 @@ fn tampered_bundle_is_refused_before_any_step_runs() {
     // Manifest restored, but the plan on the node differs from the bundle's.
     std::fs::write(dir.join("manifests/x.yaml"), b"kind: X\n").unwrap();
     let mut other = plan.clone();
-    other.gitops.path = "somewhere/else".into();
+    other.gitops.as_mut().unwrap().path = "somewhere/else".into();
     write_atomic(&w.root.path("/etc/kiln/plan.json"), &other.to_json(), 0o644).unwrap();
     let (o, _) = w.run(&w.steps(&[]), vec![]);
     assert!(
@@ -411,4 +411,73 @@ fn status_and_journal_have_the_documented_modes() {
     let mode = |p: std::path::PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(Journal::path(&w.root)), 0o600);
     assert_eq!(mode(Status::path(&w.root)), 0o644);
+}
+
+#[test]
+fn an_agent_joins_the_tailnet_before_k3s_and_records_server_steps_as_not_applicable() {
+    let mut plan = steps_common::agent_plan("http://127.0.0.1:9/", &pins(), "https://srv:6443");
+    plan.deadlines = StepId::ALL.iter().map(|s| (*s, 5)).collect();
+    let w = world(&plan);
+    let all: Vec<Box<dyn Step>> = StepId::ALL
+        .into_iter()
+        .map(|id| {
+            Box::new(TestStep {
+                id,
+                log: w.log.clone(),
+                script: RefCell::new(VecDeque::new()),
+                fact: None,
+            }) as Box<dyn Step>
+        })
+        .collect();
+    let (o, out) = w.run(&all, vec![]);
+    assert_eq!(o, Outcome::Done, "{out}");
+    // Server steps are neither checked nor applied: nothing of theirs exists on an agent.
+    assert_eq!(
+        w.taken(),
+        [
+            "check tailscale",
+            "apply tailscale",
+            "verify tailscale",
+            "check k3s",
+            "apply k3s",
+            "verify k3s",
+            "check verify",
+            "apply verify",
+            "verify verify"
+        ]
+    );
+    for s in ["tailscale-operator", "argocd", "gitops"] {
+        assert!(
+            out.contains(&format!(
+                "kiln: step {s} not applicable (a server step; this node is a K3s agent)"
+            )),
+            "{out}"
+        );
+    }
+    let j = w.journal();
+    let states: Vec<(StepId, StepState)> = j.steps.iter().map(|r| (r.id, r.state)).collect();
+    assert_eq!(
+        states,
+        [
+            (StepId::Tailscale, StepState::Done),
+            (StepId::K3s, StepState::Done),
+            (StepId::TailscaleOperator, StepState::NotApplicable),
+            (StepId::Argocd, StepState::NotApplicable),
+            (StepId::Gitops, StepState::NotApplicable),
+            (StepId::Verify, StepState::Done),
+        ]
+    );
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Status::path(&w.root)).unwrap()).unwrap();
+    assert_eq!(st["state"], "done");
+    assert_eq!(st["steps"][2]["state"], "not-applicable");
+    assert!(Status::read(&w.root)
+        .unwrap()
+        .render()
+        .contains("not-applicable"));
+    // A reboot: the same three steps are checked again, the server steps stay not applicable.
+    let (o, _) = w.run(&all, vec![]);
+    assert_eq!(o, Outcome::Done);
+    assert!(w.taken().iter().all(|c| !c.starts_with("apply")));
+    assert_eq!(w.journal().steps[3].state, StepState::NotApplicable);
 }

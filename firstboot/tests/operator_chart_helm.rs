@@ -17,8 +17,8 @@ fn plan() -> Plan {
     let mut plan: Plan =
         serde_json::from_str(include_str!("../../tests/golden/manifests/plan.json")).unwrap();
     // Not the chart's defaults, so the assertions below can tell the profile's values apart.
-    plan.tailscale.operator.hostname = "kiln-op-test".into();
-    plan.tailscale.operator.ingress_class = "kiln-ts".into();
+    plan.tailscale.operator.as_mut().unwrap().hostname = "kiln-op-test".into();
+    plan.tailscale.operator.as_mut().unwrap().ingress_class = "kiln-ts".into();
     plan
 }
 
@@ -78,7 +78,7 @@ fn helm_renders_the_operator_with_kilns_secret_hostname_and_ingress_class() {
         return;
     };
     let plan = plan();
-    let op = &plan.tailscale.operator;
+    let op = plan.operator().unwrap();
     let objs = render(&tools, &plan);
 
     let dep = find(&objs, "Deployment", "operator").expect("the operator Deployment");

@@ -175,7 +175,7 @@ fn a_pinned_chart_archive_and_image_archives_are_staged_and_installed_offline() 
         fs::create_dir_all(dir.join("images")).unwrap();
         fs::write(dir.join("images").join(IMAGES), &image_bytes).unwrap();
         let base = plan.tailscale.tarball.url.clone();
-        plan.tailscale.operator.chart_archive = Some(kiln_plan::Artifact {
+        plan.tailscale.operator.as_mut().unwrap().chart_archive = Some(kiln_plan::Artifact {
             name: CHART.into(),
             url: base.join(CHART).unwrap(),
             pin: kiln_plan::Pin::new(kiln_plan::Sha256::digest(&chart_bytes), None),

@@ -70,7 +70,7 @@ fn bundled_manifests_hold_no_secret_and_node_rendered_ones_do() {
     assert_eq!(keys, ["client_id", "client_secret"]);
     // No repo Secret without credentials.
     let mut anon = plan.clone();
-    anon.gitops.credentials = None;
+    anon.gitops.as_mut().unwrap().credentials = None;
     assert!(manifests::gitops_repo_secret(&anon, &Secret::new("x")).is_none());
     let repo = manifests::gitops_repo_secret(&plan, &Secret::new(REPO_PASSWORD)).unwrap();
     let d = &docs(&repo)[0];

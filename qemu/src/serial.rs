@@ -30,6 +30,8 @@ pub enum Event {
     StepDone { step: String, seconds: Option<f64> },
     /// `kiln: step ID skipped ...` (its check found the state already there).
     StepSkipped { step: String },
+    /// A server step on a K3s agent: nothing to do.
+    StepNotApplicable { step: String },
     /// `kiln: step ID failed: ERROR`.
     StepFailed { step: String, error: String },
     /// `kiln: all steps done`.
@@ -64,6 +66,7 @@ impl Event {
                 seconds: None,
             } => format!("step {step} done"),
             Event::StepSkipped { step } => format!("step {step} skipped"),
+            Event::StepNotApplicable { step } => format!("step {step} not applicable"),
             Event::StepFailed { step, error } => format!("step {step} FAILED: {error}"),
             Event::AllDone => "daemon: all steps done".into(),
             Event::DaemonFailed { error } => format!("daemon FAILED: {error}"),
@@ -169,6 +172,9 @@ fn parse_daemon(rest: &str) -> Event {
         }
         if what.starts_with("skipped") {
             return Event::StepSkipped { step };
+        }
+        if what.starts_with("not applicable") {
+            return Event::StepNotApplicable { step };
         }
         if what.starts_with("start") || what.starts_with("running") {
             return Event::StepStarted { step };

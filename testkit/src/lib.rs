@@ -213,7 +213,7 @@ pub fn journal_view(root: &Path) -> Vec<(String, bool, serde_json::Value)> {
             let state = s["state"].as_str().unwrap_or("");
             (
                 s["id"].as_str().unwrap_or("").to_string(),
-                state == "done" || state == "skipped",
+                matches!(state, "done" | "skipped" | "not-applicable"),
                 s["facts"].clone(),
             )
         })

@@ -149,6 +149,57 @@ pub const ALLOWED: &[(&str, Kind)] = &[
     ("airgap-extra-registry", Kind::List),
 ];
 
+/// Keys kiln sets itself in an agent's config (the rest of the plan or the node decides them).
+pub const AGENT_MANAGED: &[(&str, &str)] = &[
+    ("server", "node.role.agent.server"),
+    ("node-name", "node.hostname"),
+    // The node's tailnet address and interface: an agent talks to its server over the tailnet.
+    ("node-ip", "tailscale (kiln sets the tailnet address)"),
+    ("flannel-iface", "tailscale (kiln sets tailscale0)"),
+];
+
+/// `k3s agent` flags a profile may set on an agent (`k3s.config`), with their value kind.
+/// Every name is in the real v1.32 agent flag list, tests/upstream/k3s-v1.32-agent-flags.txt.
+pub const AGENT_ALLOWED: &[(&str, Kind)] = &[
+    ("debug", Kind::Bool),
+    ("v", Kind::Int),
+    ("vmodule", Kind::String),
+    ("log", Kind::String),
+    ("alsologtostderr", Kind::Bool),
+    ("data-dir", Kind::String),
+    ("with-node-id", Kind::Bool),
+    ("node-label", Kind::List),
+    ("node-taint", Kind::List),
+    ("image-credential-provider-bin-dir", Kind::String),
+    ("image-credential-provider-config", Kind::String),
+    ("selinux", Kind::Bool),
+    ("lb-server-port", Kind::Int),
+    ("protect-kernel-defaults", Kind::Bool),
+    ("container-runtime-endpoint", Kind::String),
+    ("default-runtime", Kind::String),
+    ("image-service-endpoint", Kind::String),
+    ("pause-image", Kind::String),
+    ("snapshotter", Kind::String),
+    ("private-registry", Kind::String),
+    ("disable-default-registry-endpoint", Kind::Bool),
+    ("nonroot-devices", Kind::Bool),
+    ("airgap-extra-registry", Kind::List),
+    ("bind-address", Kind::String),
+    ("node-external-ip", Kind::List),
+    ("node-internal-dns", Kind::List),
+    ("node-external-dns", Kind::List),
+    ("resolv-conf", Kind::String),
+    ("flannel-conf", Kind::String),
+    ("flannel-cni-conf", Kind::String),
+    ("kubelet-arg", Kind::List),
+    ("kube-proxy-arg", Kind::List),
+    ("enable-pprof", Kind::Bool),
+    ("rootless", Kind::Bool),
+    ("prefer-bundled-bin", Kind::Bool),
+    ("docker", Kind::Bool),
+    ("disable-apiserver-lb", Kind::Bool),
+];
+
 /// Valid items of `--disable` (https://docs.k3s.io/installation/packaged-components).
 pub const DISABLE_ITEMS: &[&str] = &[
     "coredns",
@@ -164,6 +215,8 @@ pub const DISABLE_ITEMS: &[&str] = &[
 pub enum KeyError {
     #[error("unknown K3s server config key `{0}` (not a `k3s server` flag kiln allows)")]
     Unknown(String),
+    #[error("`{0}` is not a `k3s agent` flag (a server-only key, or unknown): an agent's config takes agent flags only")]
+    UnknownAgent(String),
     #[error("`{key}` is set by kiln; use the profile field `{use_instead}`")]
     Managed {
         key: String,
@@ -175,10 +228,27 @@ pub enum KeyError {
     Type { key: String, expected: &'static str },
 }
 
-/// Checks one extra config key and its value.
+/// Checks one extra config key and its value (a server's).
 pub fn check(key: &str, value: &serde_json::Value) -> Result<(), KeyError> {
+    check_in(key, value, MANAGED, ALLOWED).map_err(|e| match e {
+        KeyError::UnknownAgent(k) => KeyError::Unknown(k),
+        e => e,
+    })
+}
+
+/// Checks one extra config key and its value on an agent: `k3s agent` flags only.
+pub fn check_agent(key: &str, value: &serde_json::Value) -> Result<(), KeyError> {
+    check_in(key, value, AGENT_MANAGED, AGENT_ALLOWED)
+}
+
+fn check_in(
+    key: &str,
+    value: &serde_json::Value,
+    managed: &[(&str, &'static str)],
+    allowed: &[(&str, Kind)],
+) -> Result<(), KeyError> {
     // `key+` appends in K3s drop-ins; one file here, so plain keys only.
-    if let Some((_, field)) = MANAGED.iter().find(|(k, _)| *k == key) {
+    if let Some((_, field)) = managed.iter().find(|(k, _)| *k == key) {
         return Err(KeyError::Managed {
             key: key.into(),
             use_instead: field,
@@ -187,8 +257,8 @@ pub fn check(key: &str, value: &serde_json::Value) -> Result<(), KeyError> {
     if SECRET.contains(&key) {
         return Err(KeyError::Secret(key.into()));
     }
-    let Some((_, kind)) = ALLOWED.iter().find(|(k, _)| *k == key) else {
-        return Err(KeyError::Unknown(key.into()));
+    let Some((_, kind)) = allowed.iter().find(|(k, _)| *k == key) else {
+        return Err(KeyError::UnknownAgent(key.into()));
     };
     use serde_json::Value as V;
     let ok = match kind {
@@ -242,6 +312,40 @@ mod tests {
             check("cluster-init", &json!("yes")),
             Err(KeyError::Type { .. })
         ));
+    }
+
+    #[test]
+    fn agent_keys_are_agent_flags_and_server_keys_are_refused_on_agents() {
+        assert!(check_agent("node-label", &json!(["a=b"])).is_ok());
+        assert!(matches!(
+            check_agent("cluster-init", &json!(true)),
+            Err(KeyError::UnknownAgent(_))
+        ));
+        assert!(matches!(
+            check_agent("tls-san", &json!(["x"])),
+            Err(KeyError::UnknownAgent(_))
+        ));
+        assert!(matches!(
+            check_agent("node-ip", &json!("1.2.3.4")),
+            Err(KeyError::Managed { .. })
+        ));
+        assert!(matches!(
+            check_agent("token-file", &json!("/x")),
+            Err(KeyError::Secret(_))
+        ));
+        let real = real_agent_flags();
+        let ours = AGENT_ALLOWED.iter().map(|(k, _)| *k);
+        for k in ours.chain(AGENT_MANAGED.iter().map(|(k, _)| *k)) {
+            assert!(real.contains(&k), "{k} is not a real k3s agent flag");
+        }
+    }
+
+    /// The committed upstream list (tests/upstream/k3s-v1.32-agent-flags.txt).
+    fn real_agent_flags() -> Vec<&'static str> {
+        include_str!("../../../tests/upstream/k3s-v1.32-agent-flags.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .collect()
     }
 
     #[test]

@@ -32,8 +32,11 @@ pub struct Plan {
     pub artifacts: Artifacts,
     pub k3s: K3s,
     pub tailscale: Tailscale,
-    pub argocd: ArgoCd,
-    pub gitops: GitOps,
+    /// Argo CD and the GitOps root: a server's (absent on an agent, which runs neither).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argocd: Option<ArgoCd>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gitops: Option<GitOps>,
     /// Manifests rendered at build time and shipped in the bundle (no secrets in them).
     #[serde(default)]
     pub manifests: Vec<BundledManifest>,
@@ -53,7 +56,75 @@ impl Plan {
                 expected: PLAN_VERSION,
             });
         }
+        plan.check_role()?;
         Ok(plan)
+    }
+
+    /// A server plan carries the operator, Argo CD and GitOps sections; an agent plan none of
+    /// them (they would be settings nothing reads).
+    fn check_role(&self) -> Result<(), PlanError> {
+        let present = [
+            ("tailscale.operator", self.tailscale.operator.is_some()),
+            ("argocd", self.argocd.is_some()),
+            ("gitops", self.gitops.is_some()),
+        ];
+        for (section, here) in present {
+            match (&self.node.role, here) {
+                (Role::Server, false) => {
+                    return Err(PlanError::Role {
+                        section,
+                        why: "a server plan needs it",
+                    })
+                }
+                (Role::Agent { .. }, true) => {
+                    return Err(PlanError::Role {
+                        section,
+                        why: "an agent runs no server steps",
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_agent(&self) -> bool {
+        matches!(self.node.role, Role::Agent { .. })
+    }
+
+    /// The steps in the order this node runs them. An agent joins the tailnet first: its K3s
+    /// needs the tailnet address (`node-ip`) and reaches its server over the tailnet. A server
+    /// starts K3s first (docs/node.md, "Step order").
+    pub fn step_order(&self) -> Vec<StepId> {
+        if self.is_agent() {
+            let first = [StepId::Tailscale, StepId::K3s];
+            let rest = StepId::ALL.into_iter().filter(|s| !first.contains(s));
+            first.into_iter().chain(rest).collect()
+        } else {
+            StepId::ALL.to_vec()
+        }
+    }
+
+    /// Does `step` do anything on this node? The operator, Argo CD and GitOps steps run on
+    /// servers only; an agent records them as not applicable.
+    pub fn applies(&self, step: StepId) -> bool {
+        !(self.is_agent() && step.server_only())
+    }
+
+    /// The operator section, for the steps that only a server runs.
+    pub fn operator(&self) -> Result<&TailscaleOperator, PlanError> {
+        self.tailscale
+            .operator
+            .as_ref()
+            .ok_or(PlanError::ServerOnly("tailscale.operator"))
+    }
+
+    pub fn argocd(&self) -> Result<&ArgoCd, PlanError> {
+        self.argocd.as_ref().ok_or(PlanError::ServerOnly("argocd"))
+    }
+
+    pub fn gitops(&self) -> Result<&GitOps, PlanError> {
+        self.gitops.as_ref().ok_or(PlanError::ServerOnly("gitops"))
     }
 
     /// Canonical bytes: pretty JSON with a trailing newline. Same plan, same bytes.
@@ -69,10 +140,17 @@ impl Plan {
         let mut v = vec![(StepId::K3s, &self.k3s.binary)];
         v.extend(self.k3s.images.iter().map(|a| (StepId::K3s, a)));
         v.push((StepId::Tailscale, &self.tailscale.tarball));
-        if let Some(chart) = &self.tailscale.operator.chart_archive {
+        if let Some(chart) = self
+            .tailscale
+            .operator
+            .as_ref()
+            .and_then(|o| o.chart_archive.as_ref())
+        {
             v.push((StepId::TailscaleOperator, chart));
         }
-        v.push((StepId::Argocd, &self.argocd.manifest));
+        if let Some(argocd) = &self.argocd {
+            v.push((StepId::Argocd, &argocd.manifest));
+        }
         v
     }
 
@@ -87,6 +165,13 @@ pub enum PlanError {
     Parse(serde_json::Error),
     #[error("plan version {found} is not supported (this daemon reads version {expected})")]
     Version { found: u32, expected: u32 },
+    #[error("plan is not valid: section {section}: {why}")]
+    Role {
+        section: &'static str,
+        why: &'static str,
+    },
+    #[error("{0} is a server's: this plan is an agent's")]
+    ServerOnly(&'static str),
 }
 
 /// The steps, in the order the daemon runs them.
@@ -120,6 +205,14 @@ impl StepId {
             StepId::Verify => "verify",
         }
     }
+
+    /// Steps that only a K3s server runs (they install into the server's manifests dir).
+    pub fn server_only(self) -> bool {
+        matches!(
+            self,
+            StepId::TailscaleOperator | StepId::Argocd | StepId::Gitops
+        )
+    }
 }
 
 impl std::fmt::Display for StepId {
@@ -152,9 +245,10 @@ pub struct Node {
 #[serde(deny_unknown_fields, rename_all = "kebab-case", tag = "kind")]
 pub enum Role {
     Server,
-    /// Designed for, not yet run by the daemon: joins `server-url` with the token in `token-file`.
+    /// Runs `k3s agent`, joining `server` (`https://<host>:6443`, reached over the tailnet)
+    /// with the token in `token-file` (a node path, 0600).
     Agent {
-        server_url: Url,
+        server: Url,
         token_file: String,
     },
 }
@@ -216,7 +310,9 @@ pub struct Tailscale {
     /// Node path of the auth key file (0600); removed once the node is Running.
     #[serde(default)]
     pub auth_key_file: Option<String>,
-    pub operator: TailscaleOperator,
+    /// The Kubernetes operator: a server's only (absent on an agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<TailscaleOperator>,
     /// Tailscale API use before joining (rebuilds): absent = never call the API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<TailscaleApi>,

@@ -73,6 +73,10 @@ pub fn is_rfc1123_label(s: &str) -> bool {
 /// The secret-free manifests the builder renders into the bundle. The plan's own `manifests`
 /// list is ignored here (it holds the hashes of this function's output).
 pub fn bundled(plan: &Plan) -> Vec<ManifestFile> {
+    // An agent installs nothing into a manifests dir: it has none (no server steps).
+    if plan.is_agent() {
+        return Vec::new();
+    }
     let file = |step, name: &str, bytes| ManifestFile {
         step,
         file: name.to_string(),
@@ -83,7 +87,7 @@ pub fn bundled(plan: &Plan) -> Vec<ManifestFile> {
             StepId::TailscaleOperator,
             TAILSCALE_OPERATOR_FILE,
             yaml_docs(&[
-                to_yaml(&namespace(&plan.tailscale.operator.namespace)),
+                to_yaml(&namespace(&operator(plan).namespace)),
                 to_yaml(&tailscale_operator_chart(plan)),
             ]),
         ),
@@ -98,6 +102,21 @@ pub fn bundled(plan: &Plan) -> Vec<ManifestFile> {
             yaml_docs(&[to_yaml(&root_application(plan))]),
         ),
     ]
+}
+
+// The renderers below are a server's: `Plan::from_json` refuses a server plan without these
+// sections, `bundled` renders nothing for an agent, and the daemon calls them only from the
+// server-only steps, which an agent records as not applicable. Reaching one with an agent's
+// plan is a bug in kiln, not a property of the input.
+fn operator(plan: &Plan) -> &crate::TailscaleOperator {
+    plan.operator()
+        .expect("a server plan (the operator section)")
+}
+fn argocd(plan: &Plan) -> &crate::ArgoCd {
+    plan.argocd().expect("a server plan (the argocd section)")
+}
+fn gitops(plan: &Plan) -> &crate::GitOps {
+    plan.gitops().expect("a server plan (the gitops section)")
 }
 
 fn to_yaml<T: Serialize>(value: &T) -> String {
@@ -224,7 +243,7 @@ pub struct OperatorConfigValues {
 }
 
 pub fn tailscale_operator_values(plan: &Plan) -> TailscaleOperatorValues {
-    let op = &plan.tailscale.operator;
+    let op = operator(plan);
     TailscaleOperatorValues {
         ingress_class: IngressClassValues {
             enabled: true,
@@ -247,7 +266,7 @@ pub fn tailscale_operator_chart_name() -> &'static str {
 }
 
 pub fn tailscale_operator_chart(plan: &Plan) -> HelmChart {
-    let op = &plan.tailscale.operator;
+    let op = operator(plan);
     HelmChart {
         api_version: "helm.cattle.io/v1".into(),
         kind: "HelmChart".into(),
@@ -273,7 +292,7 @@ pub fn tailscale_operator_chart(plan: &Plan) -> HelmChart {
 
 /// Secret `operator-oauth` in the operator's namespace, rendered on the node (0600 file).
 pub fn tailscale_oauth_secret(plan: &Plan, client_secret: &crate::Secret) -> Vec<u8> {
-    let op = &plan.tailscale.operator;
+    let op = operator(plan);
     let secret = K8sSecret {
         metadata: meta(TAILSCALE_OAUTH_SECRET, Some(&op.namespace)),
         type_: Some("Opaque".into()),
@@ -296,7 +315,7 @@ pub fn tailscale_oauth_secret(plan: &Plan, client_secret: &crate::Secret) -> Vec
 // Argo CD
 
 pub fn argocd_ingress(plan: &Plan) -> Ingress {
-    let a = &plan.argocd;
+    let a = argocd(plan);
     Ingress {
         metadata: meta("argocd", Some(&a.namespace)),
         spec: Some(IngressSpec {
@@ -448,8 +467,8 @@ pub struct Backoff {
 }
 
 pub fn root_application(plan: &Plan) -> Application {
-    let g = &plan.gitops;
-    let mut metadata = meta(&g.app_name, Some(&plan.argocd.namespace));
+    let g = gitops(plan);
+    let mut metadata = meta(&g.app_name, Some(&argocd(plan).namespace));
     // Deleting the root Application cascades to what it deployed.
     metadata.finalizers = Some(vec!["resources-finalizer.argocd.argoproj.io".into()]);
     let (directory, kustomize, helm) = source_options(&g.source);
@@ -469,7 +488,7 @@ pub fn root_application(plan: &Plan) -> Application {
             },
             destination: ApplicationDestination {
                 server: IN_CLUSTER_SERVER.into(),
-                namespace: plan.argocd.namespace.clone(),
+                namespace: argocd(plan).namespace.clone(),
             },
             sync_policy: SyncPolicy {
                 automated: AutomatedSync {
@@ -493,10 +512,10 @@ pub fn root_application(plan: &Plan) -> Application {
 /// The repository Secret (label `argocd.argoproj.io/secret-type: repository`), rendered on the
 /// node only when the profile gives credentials.
 pub fn gitops_repo_secret(plan: &Plan, password: &crate::Secret) -> Option<Vec<u8>> {
-    let creds = plan.gitops.credentials.as_ref()?;
+    let creds = gitops(plan).credentials.as_ref()?;
     let mut metadata = meta(
-        &format!("{}-repo", plan.gitops.app_name),
-        Some(&plan.argocd.namespace),
+        &format!("{}-repo", gitops(plan).app_name),
+        Some(&argocd(plan).namespace),
     );
     metadata
         .labels
@@ -508,7 +527,7 @@ pub fn gitops_repo_secret(plan: &Plan, password: &crate::Secret) -> Option<Vec<u
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([
             ("type".to_string(), b("git")),
-            ("url".to_string(), b(plan.gitops.repo_url.as_str())),
+            ("url".to_string(), b(gitops(plan).repo_url.as_str())),
             ("username".to_string(), b(&creds.username)),
             ("password".to_string(), b(password.expose().trim())),
         ])),

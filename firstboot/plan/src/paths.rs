@@ -26,6 +26,13 @@ pub const K3S_CONFIG: &str = "/etc/rancher/k3s/config.yaml";
 pub const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
 pub const K3S_UNIT: &str = "/etc/systemd/system/k3s.service";
 pub const K3S_ENV: &str = "/etc/systemd/system/k3s.service.env";
+/// An agent's unit and env file, named as K3s's `install.sh` names them for `k3s agent`.
+pub const K3S_AGENT_UNIT: &str = "/etc/systemd/system/k3s-agent.service";
+pub const K3S_AGENT_ENV: &str = "/etc/systemd/system/k3s-agent.service.env";
+/// What a K3s agent writes once its server accepted it: the kubelet's kubeconfig and the client
+/// certificate the server issued to the kubelet.
+pub const K3S_AGENT_KUBELET_KUBECONFIG: &str = "/var/lib/rancher/k3s/agent/kubelet.kubeconfig";
+pub const K3S_AGENT_KUBELET_CERT: &str = "/var/lib/rancher/k3s/agent/client-kubelet.crt";
 pub const K3S_MANIFESTS: &str = "/var/lib/rancher/k3s/server/manifests";
 /// Served by the K3s supervisor at `https://%{KUBERNETES_API}%/static/charts/<file>`.
 pub const K3S_STATIC_CHARTS: &str = "/var/lib/rancher/k3s/server/static/charts";

@@ -102,7 +102,7 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
             hostname: "ameciclo".into(),
             tags: vec!["tag:k8s".into()],
             auth_key_file: Some(AUTH_KEY_FILE.into()),
-            operator: TailscaleOperator {
+            operator: Some(TailscaleOperator {
                 chart_repo: Url::parse("https://pkgs.tailscale.com/helmcharts").unwrap(),
                 chart_version: "1.102.3".into(),
                 namespace: "tailscale".into(),
@@ -111,18 +111,18 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
                 ingress_class: "tailscale".into(),
                 hostname: "ameciclo-operator".into(),
                 chart_archive: None,
-            },
+            }),
             api: None,
             login_server: None,
         },
-        argocd: ArgoCd {
+        argocd: Some(ArgoCd {
             version: "v3.4.7".parse().unwrap(),
             manifest: artifact(&base, pins, "argocd", "argocd-v3.4.7-install.yaml"),
             namespace: "argocd".into(),
             ingress_host: "argocd".into(),
             ingress_class: "tailscale".into(),
-        },
-        gitops: GitOps {
+        }),
+        gitops: Some(GitOps {
             app_name: "root".into(),
             repo_url: Url::parse("https://github.com/ameciclo/groundwork.git").unwrap(),
             revision: "HEAD".into(),
@@ -136,7 +136,7 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
                 recurse: true,
                 ..Default::default()
             }),
-        },
+        }),
         manifests: Vec::new(),
         deadlines: StepId::ALL.iter().map(|s| (*s, 90)).collect(),
         key_vault: None,
@@ -144,6 +144,44 @@ pub fn plan(base: &str, pins: &Value) -> Plan {
     pin_manifests(&mut plan);
     plan
 }
+
+/// A K3s agent's plan as the builder resolves `tests/profiles/good/agent-base.yaml`-like
+/// profiles: the server's artifacts, `k3s agent` config joining `server`, no server sections.
+#[allow(dead_code)]
+pub fn agent_plan(base: &str, pins: &Value, server: &str) -> Plan {
+    let mut plan = plan(base, pins);
+    to_agent(&mut plan, server);
+    plan
+}
+
+/// Turns the reference server plan into an agent's joining `server`.
+#[allow(dead_code)]
+pub fn to_agent(plan: &mut Plan, server: &str) {
+    let server = Url::parse(server).unwrap();
+    plan.node.hostname = "ameciclo-agent".into();
+    plan.tailscale.hostname = "ameciclo-agent".into();
+    plan.node.role = Role::Agent {
+        server: server.clone(),
+        token_file: AGENT_TOKEN_FILE.into(),
+    };
+    plan.k3s.config = BTreeMap::from([
+        ("flannel-iface".into(), serde_json::json!("tailscale0")),
+        ("node-name".into(), serde_json::json!("ameciclo-agent")),
+        (
+            "server".into(),
+            serde_json::json!(server.as_str().trim_end_matches('/')),
+        ),
+        ("token-file".into(), serde_json::json!(AGENT_TOKEN_FILE)),
+    ]);
+    plan.tailscale.operator = None;
+    plan.argocd = None;
+    plan.gitops = None;
+    pin_manifests(plan);
+}
+
+/// Where the builder puts an agent's join token (builder/src/resolve.rs).
+#[allow(dead_code)]
+pub const AGENT_TOKEN_FILE: &str = "/etc/kiln/secrets/k3s-token";
 
 /// Pins the bundled manifests as the builder does (again after a tweak that changes them).
 #[allow(dead_code)]
@@ -211,6 +249,7 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         // The stand-in servers run detached; stop them so no test leaves processes behind.
         let _ = self.systemctl(&["stop", "k3s.service", "tailscaled.service"]);
+        let _ = self.systemctl(&["stop", "k3s-agent.service"]);
     }
 }
 

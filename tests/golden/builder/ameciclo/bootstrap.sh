@@ -13,7 +13,7 @@ chmod 0700 /etc/kiln/secrets
 if [ -f "$tarball" ] && verify "$tarball"; then
   say "bundle already present and verified"
 else
-  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-a68fa2ce57dedf5dd284527f14a5b32ab72cc163ff6f8cd55a8595f294a6f5bd.tar.gz'
+  url='https://ameciclokiln.blob.core.windows.net/kiln/bundle-a896f90c9017a75ba1ce90b02d8d7b2513ade707502ca3f2cdf8e9f0d1da5a52.tar.gz'
   say "fetching $url"
   rm -f "$tarball.partial"
   curl -fsSL --retry 30 --retry-delay 5 --retry-all-errors --connect-timeout 20 --max-time 900 \
