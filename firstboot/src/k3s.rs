@@ -35,10 +35,10 @@ const PATH_DIRS: [&str; 6] = [
 pub const FACT_TS_DNS: &str = "tailscale.dns-name";
 pub const FACT_TS_IPV4: &str = "tailscale.ipv4";
 
-/// The unit exactly as K3s's `install.sh` writes it for a server (contracts.md §1): every
-/// setting lives in config.yaml, so ExecStart carries no flags and a re-install loses nothing.
-pub fn unit_text() -> &'static str {
-    "[Unit]
+/// The unit exactly as K3s's `install.sh` writes it (`create_systemd_service_file`), for
+/// `k3s {command}` with the env file named after its `{service}`: every setting lives in
+/// config.yaml, so ExecStart carries no flags and a re-install loses nothing.
+const INSTALL_SH_UNIT: &str = "[Unit]
 Description=Lightweight Kubernetes
 Documentation=https://k3s.io
 Wants=network-online.target
@@ -51,7 +51,7 @@ WantedBy=multi-user.target
 Type=notify
 EnvironmentFile=-/etc/default/%N
 EnvironmentFile=-/etc/sysconfig/%N
-EnvironmentFile=-/etc/systemd/system/k3s.service.env
+EnvironmentFile=-/etc/systemd/system/{service}.service.env
 KillMode=process
 Delegate=yes
 User=root
@@ -66,8 +66,21 @@ Restart=always
 RestartSec=5s
 ExecStartPre=-/sbin/modprobe br_netfilter
 ExecStartPre=-/sbin/modprobe overlay
-ExecStart=/usr/local/bin/k3s server
-"
+ExecStart=/usr/local/bin/k3s {command}
+";
+
+/// [`INSTALL_SH_UNIT`] for one service (`k3s` running `server`, `k3s-agent` running `agent`).
+pub fn install_sh_unit(service: &str, command: &str) -> String {
+    INSTALL_SH_UNIT
+        .replace("{service}", service)
+        .replace("{command}", command)
+}
+
+/// The server's unit (`k3s.service`).
+pub fn unit_text() -> &'static str {
+    static TEXT: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| install_sh_unit("k3s", "server"));
+    &TEXT
 }
 
 /// install.sh puts every exported `K3S_*`/`CONTAINERD_*`/proxy variable here; kiln exports

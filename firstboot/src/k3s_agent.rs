@@ -17,36 +17,9 @@ pub const UNIT: &str = "k3s-agent.service";
 /// The unit as K3s's `install.sh` writes it for an agent (`K3S_URL` set): the server's unit
 /// with `k3s agent` and the agent's env file; every setting is in config.yaml.
 pub fn unit_text() -> &'static str {
-    "[Unit]
-Description=Lightweight Kubernetes
-Documentation=https://k3s.io
-Wants=network-online.target
-After=network-online.target
-
-[Install]
-WantedBy=multi-user.target
-
-[Service]
-Type=notify
-EnvironmentFile=-/etc/default/%N
-EnvironmentFile=-/etc/sysconfig/%N
-EnvironmentFile=-/etc/systemd/system/k3s-agent.service.env
-KillMode=process
-Delegate=yes
-User=root
-# Having non-zero Limit*s causes performance problems due to accounting overhead
-# in the kernel. We recommend using cgroups to do container-local accounting.
-LimitNOFILE=1048576
-LimitNPROC=infinity
-LimitCORE=infinity
-TasksMax=infinity
-TimeoutStartSec=0
-Restart=always
-RestartSec=5s
-ExecStartPre=-/sbin/modprobe br_netfilter
-ExecStartPre=-/sbin/modprobe overlay
-ExecStart=/usr/local/bin/k3s agent
-"
+    static TEXT: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| crate::k3s::install_sh_unit("k3s-agent", "agent"));
+    &TEXT
 }
 
 /// An agent's config: the plan's keys (`server`, `token-file`, `node-name`,
