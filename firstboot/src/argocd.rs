@@ -9,9 +9,10 @@
 //! nothing else (helm job, chart repo access) is on the boot path. See docs/node.md.
 
 use crate::download::sha256_file;
-use crate::engine::{Cx, Step, Transient};
+use crate::engine::{Cx, Step};
 use crate::fs::copy_atomic;
 use crate::k3s;
+use crate::retry::Transient;
 use anyhow::{bail, Context, Result};
 use kiln_plan::manifests::{
     self, is_cluster_scoped, ARGOCD_INSTALL_FILE, GITOPS_REPO_FILE, HELMCHART_NAMESPACE,

@@ -3,7 +3,7 @@
 //! [`Secret`] and appear as `<redacted>` in every message; their values are also scrubbed from
 //! the captured output quoted in errors.
 
-use crate::engine::Transient;
+use crate::retry::Transient;
 use anyhow::{Context, Result};
 use kiln_plan::Secret;
 use std::ffi::{OsStr, OsString};

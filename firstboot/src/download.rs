@@ -7,8 +7,8 @@
 //! Nothing reaches the cache's final names unverified, and callers only ever get final names
 //! back, so nothing unverified is ever executed or installed.
 
-use crate::engine::Backoff;
 use crate::fs::{copy_atomic, sync_dir, Root};
+use crate::retry::Backoff;
 use anyhow::{Context, Result};
 use kiln_plan::{paths, Artifact, Artifacts, Digest, Hasher, Hashes, Pin, Sha256, Url};
 use std::fs::{self, File, OpenOptions};

@@ -3,18 +3,14 @@
 
 use crate::download::{DownloadError, FetchPolicy, Fetcher};
 use crate::fs::Root;
-use crate::journal::{Journal, Lock, Opened, StepState};
+use crate::journal::{Facts, Journal, Lock, Opened, StepState};
+use crate::retry::{Backoff, Transient};
 use crate::status::{RunState, Status};
 use anyhow::{Context, Result};
 use kiln_plan::{Plan, Secret, StepId};
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// Facts a step learns and later steps (or a later run) need, e.g. the node's Tailscale IPs.
-/// Persisted in the journal and shown in status; never holds secrets.
-pub type Facts = BTreeMap<String, String>;
 
 /// What a step gets to work with.
 pub struct Cx<'a> {
@@ -34,11 +30,17 @@ impl Cx<'_> {
         self.deadline.saturating_duration_since(Instant::now())
     }
 
+    /// Makes sure the secret file `node_path` is on the node (read from Key Vault the first
+    /// time when the plan takes it from there; see [`crate::keyvault::ensure`]).
+    pub fn ensure_secret(&self, node_path: &str) -> Result<()> {
+        crate::keyvault::ensure(self.plan, self.root, self.fetcher, node_path)
+    }
+
     /// Reads a secret file (a node path from the plan, e.g. the Tailscale auth key; fetched
     /// first when the plan takes it from Key Vault), trimming trailing newlines. Errors name the path, never the content.
     pub fn read_secret(&self, node_path: &str) -> Result<Secret> {
         // A Key Vault reference is read from its vault the first time it is needed.
-        crate::keyvault::ensure(self, node_path)?;
+        self.ensure_secret(node_path)?;
         let p = self.root.path(node_path);
         let mut s = std::fs::read_to_string(&p)
             .with_context(|| format!("reading secret file {}", p.display()))?;
@@ -83,12 +85,6 @@ pub trait Step {
     fn verify(&self, cx: &mut Cx) -> Result<()>;
 }
 
-/// Marks an error as worth retrying (the engine retries with jittered backoff until the step's
-/// deadline). Everything not marked, and not a transient download error, fails the step at once.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Transient(pub String);
-
 /// Should the engine retry after `err`? Decided by the outermost cause in the chain that says
 /// anything: an explicit [`Transient`], a [`DownloadError`] (5xx, timeouts, cut bodies: yes;
 /// 404, checksum mismatch: no), an HTTP client error, or an I/O error of the network kind.
@@ -124,39 +120,6 @@ pub fn is_transient(err: &anyhow::Error) -> bool {
         }
     }
     false
-}
-
-/// Jittered exponential backoff: `base · 2^n`, capped, each delay drawn from [½d, d].
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    pub base: Duration,
-    pub max: Duration,
-    attempt: u32,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
-    }
-}
-
-impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Backoff {
-        Backoff {
-            base,
-            max,
-            attempt: 0,
-        }
-    }
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self
-            .base
-            .saturating_mul(1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX));
-        self.attempt = self.attempt.saturating_add(1);
-        let d = exp.min(self.max);
-        // Jitter so that many nodes rebuilt together don't hammer a mirror in lockstep.
-        d.mul_f64(0.5 + fastrand::f64() * 0.5)
-    }
 }
 
 // ---- the runner ------------------------------------------------------------------------------

@@ -6,7 +6,6 @@
 //! the old one is kept as `journal.<old-id>.json`. It never holds secrets: errors are recorded
 //! as the engine's messages (which redact them) and facts are non-secret by contract.
 
-use crate::engine::Facts;
 use crate::fs::{write_atomic, Root};
 use anyhow::{Context, Result};
 use kiln_plan::{paths, Sha256, StepId};
@@ -14,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use std::fs;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
+
+/// Facts a step learns and later steps (or a later run) need, e.g. the node's Tailscale IPs.
+/// Persisted in the journal and shown in status; never holds secrets.
+pub type Facts = std::collections::BTreeMap<String, String>;
 
 pub const JOURNAL_VERSION: u32 = 1;
 

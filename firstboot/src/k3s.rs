@@ -4,8 +4,9 @@
 
 use crate::cmd::Cmd;
 use crate::download::{display_url, hash_file, sha256_file, CrossCheck, Fetcher};
-use crate::engine::{Cx, Step, Transient};
+use crate::engine::{Cx, Step};
 use crate::fs::{copy_atomic, write_atomic, Root};
+use crate::retry::Transient;
 use crate::systemd;
 use anyhow::{bail, Context, Result};
 use kiln_plan::manifests::addon_name;
@@ -411,7 +412,7 @@ impl Step for K3sStep {
         // K3s reads its token files itself: one kept in Key Vault is fetched now, before K3s
         // starts (the daemon never reads it otherwise).
         for f in token_files(cx.plan) {
-            crate::keyvault::ensure(cx, &f)?;
+            cx.ensure_secret(&f)?;
         }
         let k3s = &cx.plan.k3s;
         // A verified copy in the cache was cross-checked when it got there (by this step or by

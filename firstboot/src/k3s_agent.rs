@@ -4,8 +4,9 @@
 //! recorded. What an agent can see of itself is its unit, the kubelet credentials its server
 //! issued when it accepted the node, and its tailnet state: that is what `verify` checks.
 
-use crate::engine::{Cx, Transient};
+use crate::engine::Cx;
 use crate::k3s::FACT_TS_IPV4;
+use crate::retry::Transient;
 use anyhow::{bail, Result};
 use kiln_plan::{paths, Plan};
 use serde_json::Value;

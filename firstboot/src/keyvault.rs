@@ -1,6 +1,6 @@
 //! Secrets from Azure Key Vault, read with the VM's managed identity (plan `key-vault`).
 //!
-//! A step that needs a secret file asks for it ([`ensure`], called by `Cx::read_secret` and
+//! A step that needs a secret file asks for it ([`ensure`], called by `Cx::ensure_secret` and
 //! by the tailscale step before `tailscale up`). When the plan names a vault for that file
 //! and the file is not there yet, the daemon takes a token from the managed-identity endpoint
 //! and reads the secret over the Key Vault REST API, then writes it 0600 to the same node path
@@ -16,13 +16,15 @@
 //!
 //! No secret value and no token ever reaches a log, an error, the status or the journal.
 
-use crate::engine::{Cx, Transient};
+use crate::download::Fetcher;
 use crate::fs::write_atomic;
+use crate::fs::Root;
+use crate::retry::Transient;
 use anyhow::{bail, Context, Result};
 use kiln_plan::keyvault::{
     ManagedIdentity, VaultSecret, IMDS_API_VERSION, IMDS_TOKEN_ENDPOINT, SECRETS_READER_ROLE,
 };
-use kiln_plan::{Secret, Url};
+use kiln_plan::{Plan, Secret, Url};
 use std::io::Read;
 
 /// Bodies read from the identity endpoint and the vault are small; a bigger one is refused.
@@ -30,18 +32,18 @@ const BODY_LIMIT: u64 = 256 * 1024;
 
 /// Makes sure the secret file `node_path` exists: a no-op for file secrets (written by
 /// cloud-init) and for a vault secret already fetched; otherwise reads it from its vault.
-pub fn ensure(cx: &Cx, node_path: &str) -> Result<()> {
-    let Some(kv) = &cx.plan.key_vault else {
+pub fn ensure(plan: &Plan, root: &Root, fetcher: &Fetcher, node_path: &str) -> Result<()> {
+    let Some(kv) = &plan.key_vault else {
         return Ok(());
     };
     let Some(entry) = kv.secrets.iter().find(|s| s.file == node_path) else {
         return Ok(());
     };
-    let target = cx.root.path(node_path);
+    let target = root.path(node_path);
     if target.exists() {
         return Ok(());
     }
-    let http = cx.fetcher.client()?;
+    let http = fetcher.client()?;
     let value = fetch(http, &kv.identity, entry, &process_env)?;
     write_atomic(&target, value.expose().as_bytes(), 0o600)?;
     tracing::info!(key = %entry.key, vault = %entry.vault, secret = %entry.secret, file = %node_path,

@@ -12,6 +12,7 @@ pub mod journal;
 pub mod k3s;
 pub mod k3s_agent;
 pub mod keyvault;
+pub mod retry;
 pub mod stage;
 pub mod status;
 pub mod systemd;

@@ -2,8 +2,8 @@
 //! its human rendering for `kiln-firstboot status`. It holds what the journal holds minus
 //! nothing secret (the journal never has secrets either), plus the run's own state.
 
-use crate::engine::Facts;
 use crate::fs::{write_atomic, Root};
+use crate::journal::Facts;
 use crate::journal::{StepRecord, StepState};
 use anyhow::{Context, Result};
 use kiln_plan::{paths, Sha256, StepId};

@@ -4,9 +4,10 @@
 
 use crate::cmd::Cmd;
 use crate::download::sha256_file;
-use crate::engine::{Cx, Step, Transient};
+use crate::engine::{Cx, Step};
 use crate::fs::{copy_atomic, write_atomic, Root};
 use crate::k3s;
+use crate::retry::Transient;
 use crate::systemd;
 use anyhow::{bail, Context, Result};
 use kiln_plan::manifests::{self, TAILSCALE_OAUTH_FILE};
@@ -301,7 +302,7 @@ impl Step for TailscaleStep {
                 // up with the same flags, with the key if it is still there. A key kept in
                 // Key Vault is read from it now (keyvault.rs).
                 if let (Some(k), false) = (&cx.plan.tailscale.auth_key_file, state == "Stopped") {
-                    crate::keyvault::ensure(cx, k)?;
+                    cx.ensure_secret(k)?;
                 }
                 let key = cx
                     .plan

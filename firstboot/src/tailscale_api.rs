@@ -20,8 +20,9 @@
 //! never logged, never in an error message.
 
 use crate::download::{display_url, DownloadError};
-use crate::engine::{Backoff, Cx};
+use crate::engine::Cx;
 use crate::fs::{write_atomic, Root};
+use crate::retry::Backoff;
 use anyhow::{Context, Result};
 use kiln_plan::{Plan, Secret, TailscaleApi, Url};
 use serde_json::Value;

@@ -3,8 +3,9 @@
 //! with no file there (and no stale `.partial` when its content was wrong).
 
 use kiln_firstboot::download::{sha256_file, CrossCheck, DownloadError, FetchPolicy, Fetcher};
-use kiln_firstboot::engine::{is_transient, Backoff};
+use kiln_firstboot::engine::is_transient;
 use kiln_firstboot::fs::Root;
+use kiln_firstboot::retry::Backoff;
 use kiln_plan::{Artifact, Artifacts, Digest, Pin, Sha256, Sha512, Url};
 use kiln_qemu::mirror::{Fault, Mirror};
 use kiln_testkit::PassedCase;

@@ -6,9 +6,10 @@
 mod steps_common;
 
 use anyhow::Result;
-use kiln_firstboot::engine::{self, Backoff, Cx, Outcome, RunOptions, Step, Transient};
+use kiln_firstboot::engine::{self, Cx, Outcome, RunOptions, Step};
 use kiln_firstboot::fs::{write_atomic, Root};
 use kiln_firstboot::journal::{Journal, StepState};
+use kiln_firstboot::retry::{Backoff, Transient};
 use kiln_firstboot::status::{RunState, Status};
 use kiln_plan::{Plan, Sha256, StepId};
 use std::cell::RefCell;

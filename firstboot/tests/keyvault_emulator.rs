@@ -18,8 +18,9 @@
 
 mod steps_common;
 
-use kiln_firstboot::engine::{self, Backoff, Cx, Outcome, RunOptions, Step};
+use kiln_firstboot::engine::{self, Cx, Outcome, RunOptions, Step};
 use kiln_firstboot::fs::{write_atomic, Root};
+use kiln_firstboot::retry::Backoff;
 use kiln_plan::keyvault::{KeyVault, ManagedIdentity, VaultSecret};
 use kiln_plan::{Plan, StepId};
 use std::collections::VecDeque;
