@@ -376,8 +376,8 @@ fn verdict(r: &BootReport, boot: u32) -> Vec<String> {
             .timeline
             .step_outcomes()
             .into_iter()
-            .filter(|(_, o)| *o != "skipped")
-            .map(|(s, o)| format!("{s} {o}"))
+            .filter(|(_, o)| *o != kiln_plan::StepState::Skipped)
+            .map(|(s, o)| format!("{s} {}", o.as_str()))
             .collect();
         if !not_skipped.is_empty() {
             f.push(format!(

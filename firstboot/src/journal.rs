@@ -20,39 +20,8 @@ pub type Facts = std::collections::BTreeMap<String, String>;
 
 pub const JOURNAL_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StepState {
-    Pending,
-    Running,
-    Done,
-    Failed,
-    /// `check` found the desired state already there (and `verify` confirmed it).
-    Skipped,
-    /// The step has nothing to do on this node: a server step (operator, Argo CD, GitOps) on
-    /// a K3s agent. Not "skipped": nothing was checked or verified, there is nothing to be.
-    NotApplicable,
-}
-
-impl StepState {
-    /// The step's desired state is in place.
-    pub fn is_satisfied(self) -> bool {
-        matches!(
-            self,
-            StepState::Done | StepState::Skipped | StepState::NotApplicable
-        )
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StepState::Pending => "pending",
-            StepState::Running => "running",
-            StepState::Done => "done",
-            StepState::Failed => "failed",
-            StepState::Skipped => "skipped",
-            StepState::NotApplicable => "not-applicable",
-        }
-    }
-}
+/// A step's state: the plan crate's, shared with the harness that reads status and milestones.
+pub use kiln_plan::StepState;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

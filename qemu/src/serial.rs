@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use kiln_plan::StepState;
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -276,13 +277,13 @@ impl Timeline {
     }
 
     /// Steps reported done and skipped, by id (last report wins).
-    pub fn step_outcomes(&self) -> Vec<(String, &'static str)> {
-        let mut out: Vec<(String, &'static str)> = Vec::new();
+    pub fn step_outcomes(&self) -> Vec<(String, StepState)> {
+        let mut out: Vec<(String, StepState)> = Vec::new();
         for e in &self.events {
             let (step, what) = match &e.event {
-                Event::StepDone { step, .. } => (step, "done"),
-                Event::StepSkipped { step } => (step, "skipped"),
-                Event::StepFailed { step, .. } => (step, "failed"),
+                Event::StepDone { step, .. } => (step, StepState::Done),
+                Event::StepSkipped { step } => (step, StepState::Skipped),
+                Event::StepFailed { step, .. } => (step, StepState::Failed),
                 _ => continue,
             };
             out.retain(|(s, _)| s != step);
@@ -412,7 +413,10 @@ mod tests {
         let tl = Timeline {
             events: f.events.clone(),
         };
-        assert_eq!(tl.step_outcomes(), vec![("k3s".to_string(), "done")]);
+        assert_eq!(
+            tl.step_outcomes(),
+            vec![("k3s".to_string(), StepState::Done)]
+        );
         assert!(tl.render("t").contains("daemon: all steps done"));
     }
 }

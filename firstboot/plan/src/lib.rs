@@ -215,6 +215,41 @@ impl StepId {
     }
 }
 
+/// What the journal, `status.json` and the milestones say of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+    /// `check` found the desired state already there (and `verify` confirmed it).
+    Skipped,
+    /// The step has nothing to do on this node: a server step (operator, Argo CD, GitOps) on
+    /// a K3s agent. Not "skipped": nothing was checked or verified, there is nothing to be.
+    NotApplicable,
+}
+
+impl StepState {
+    /// The step's desired state is in place.
+    pub fn is_satisfied(self) -> bool {
+        matches!(
+            self,
+            StepState::Done | StepState::Skipped | StepState::NotApplicable
+        )
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Done => "done",
+            StepState::Failed => "failed",
+            StepState::Skipped => "skipped",
+            StepState::NotApplicable => "not-applicable",
+        }
+    }
+}
+
 impl std::fmt::Display for StepId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
