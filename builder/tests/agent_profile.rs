@@ -21,16 +21,6 @@ fn agent_base() -> std::path::PathBuf {
     common::repo().join("tests/profiles/good/agent-base.yaml")
 }
 
-/// The names `k3s agent` accepts in v1.32 (tests/upstream, from K3s's own CLI).
-fn real_agent_flags() -> Vec<String> {
-    std::fs::read_to_string(common::repo().join("tests/upstream/k3s-v1.32-agent-flags.txt"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn an_agent_profile_resolves_to_a_k3s_agent_plan_joining_its_server_over_the_tailnet() {
     let r = resolve(&agent_base());
@@ -51,7 +41,7 @@ fn an_agent_profile_resolves_to_a_k3s_agent_plan_joining_its_server_over_the_tai
     assert_eq!(p.k3s.config["server"], "https://test-node:6443");
     assert_eq!(p.k3s.config["token-file"], "/etc/kiln/secrets/k3s-token");
     assert_eq!(p.k3s.config["flannel-iface"], "tailscale0");
-    let real = real_agent_flags();
+    let real = kiln_testkit::k3s_agent_flags();
     for k in p.k3s.config.keys() {
         assert!(real.contains(k), "{k} is not a k3s agent flag");
     }
@@ -240,7 +230,7 @@ fn the_ameciclo_agent_example_extends_the_server_profile_and_joins_it_by_its_tai
     // Same pins as the server (the shared base), agent flags only, no server sections.
     assert_eq!(p.k3s.binary, server.plan.k3s.binary);
     assert_eq!(p.tailscale.tarball, server.plan.tailscale.tarball);
-    let real = real_agent_flags();
+    let real = kiln_testkit::k3s_agent_flags();
     for k in p.k3s.config.keys() {
         assert!(real.contains(k), "{k}");
     }

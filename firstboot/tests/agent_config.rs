@@ -37,17 +37,6 @@ fn facts() -> BTreeMap<String, String> {
     ])
 }
 
-fn real_agent_flags() -> Vec<String> {
-    std::fs::read_to_string(
-        steps_common::repo_dir().join("tests/upstream/k3s-v1.32-agent-flags.txt"),
-    )
-    .unwrap()
-    .lines()
-    .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    .map(str::to_string)
-    .collect()
-}
-
 #[test]
 fn the_agent_config_joins_the_server_on_the_tailnet_address_and_tailscale0() {
     let cfg = k3s::config_yaml(&agent(), &facts()).unwrap();
@@ -66,7 +55,7 @@ fn the_agent_config_joins_the_server_on_the_tailnet_address_and_tailscale0() {
 
 #[test]
 fn every_key_of_the_rendered_agent_config_is_a_real_k3s_v1_32_agent_flag() {
-    let real = real_agent_flags();
+    let real = kiln_testkit::k3s_agent_flags();
     assert!(real.len() > 40, "the upstream list looks truncated");
     let cfg = k3s::config_yaml(&agent(), &facts()).unwrap();
     let v: BTreeMap<String, serde_yaml::Value> = serde_yaml::from_str(&cfg).unwrap();

@@ -24,6 +24,17 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
+/// The names `k3s agent` accepts in v1.32: `tests/upstream/k3s-v1.32-agent-flags.txt`, taken
+/// from K3s's own CLI (its PROVENANCE file says from where).
+pub fn k3s_agent_flags() -> Vec<String> {
+    std::fs::read_to_string(repo().join("tests/upstream/k3s-v1.32-agent-flags.txt"))
+        .expect("reading tests/upstream/k3s-v1.32-agent-flags.txt")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Compares `actual` with the golden file `tests/golden/<rel>` (repo-relative);
 /// `KILN_UPDATE_GOLDEN=1` rewrites it instead. Every package's golden tests go through here.
 pub fn golden(rel: &str, actual: &[u8]) {
